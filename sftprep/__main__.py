@@ -1,0 +1,52 @@
+"""``python -m sftprep inspect PREFIX [--doc K]`` and ``python -m sftprep verify PREFIX``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sftprep import idxmap, view
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m sftprep")
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help in (("inspect", "print documents decoded, trained text marked"),
+                       ("verify", "check every invariant of the SFT layout")):
+        c = sub.add_parser(name, help=help)
+        c.add_argument("prefix", help="the files' prefix, e.g. output/demo_text_document")
+        c.add_argument("--tokenizer", help="tokenizer directory (default: the manifest's)")
+        if name == "inspect":
+            c.add_argument("--doc", type=int, action="append",
+                           help="document index (repeatable; default: 0)")
+            c.add_argument("--color", action=argparse.BooleanOptionalAction, default=None)
+    args = p.parse_args(argv)
+    tok_path = args.tokenizer or view.manifest_of(args.prefix).get("tokenizer", {}).get("path")
+    tok = None
+    if tok_path:
+        from sftprep.template import load_tokenizer
+        manifest_pad = view.manifest_of(args.prefix).get("tokenizer", {}).get("pad_token")
+        tok = load_tokenizer(tok_path, manifest_pad)
+    try:
+        if args.command == "verify":
+            figures = view.verify(args.prefix, tok)
+            print(f"ok: {args.prefix}: {figures['documents']:,} documents, {figures['samples']:,} "
+                  f"samples, {figures['tokens']:,} tokens, {figures['pad']:,} pad, "
+                  f"S={figures['seq_length']}")
+            return 0
+        if tok is None:
+            p.error("inspect needs --tokenizer (no manifest names one)")
+        reader = idxmap.IndexedReader(args.prefix)
+        color = sys.stdout.isatty() if args.color is None else args.color
+        for k in args.doc or [0]:
+            if not 0 <= k < len(reader):
+                p.error(f"--doc {k}: the file has {len(reader)} documents")
+            print(view.describe_document(reader, k, tok, color))
+        return 0
+    except (idxmap.LayoutError, FileNotFoundError) as e:
+        print(f"invalid: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,182 @@
+"""The typed configuration tree of the jobs, filled from YAML presets and the command line.
+
+Every field carries its help text and its command-line flag as metadata, so the jobs build their
+argument parsers from this file and a YAML preset uses the same names nested by section::
+
+    source: {inputs: [data/*.jsonl], on_error: skip}
+    template: {tokenizer: /models/qwen, seq_length: 4096, pad_token: "<|extra_0|>"}
+    packing: {mode: bfd}
+    output: {prefix: out/qwen_sft}
+
+Precedence: field defaults < ``--config`` YAML < flags given on the command line.
+Validation lives in ``validate`` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from sftprep.packing import MODES
+
+REQUIRED = "<required>"
+
+
+def opt(default: Any, help: str, flag: str | None = None, **kw: Any) -> Any:
+    meta = {"help": help, "flag": flag}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass
+class SourceConfig:
+    inputs: list = opt([], "input files, directories or globs: local paths or fsspec URLs "
+                       "(oss://, s3://); .jsonl (one sample a line) or .json (an array), "
+                       "optionally .gz", "--input")
+    format: str = opt("auto", "record format: auto (detected per line), alpaca, messages, "
+                      "sharegpt", "--format")
+    columns: dict = opt({}, "rename fields before format detection, e.g. "
+                        "{prompt: instruction, answer: output} (YAML only)")
+    storage_options: dict = opt({}, "fsspec options for object storage (endpoint, key, ...); "
+                                "default: the usual OSS_*/AWS_* environment variables (YAML only)")
+    on_error: str = opt("fail", "bad records: fail (stop at the first, naming file and line) "
+                        "or skip (write the rest, list them in <prefix>.rejects.jsonl)",
+                        "--on-error")
+
+
+@dataclass
+class TemplateConfig:
+    tokenizer: str = opt(REQUIRED, "Hugging Face tokenizer directory (loaded offline)",
+                         "--tokenizer")
+    seq_length: int = opt(2048, "training sequence length S; each document holds 2*S values",
+                          "--seq-length")
+    pad_token: str | None = opt(None, "pad token (default: the tokenizer's pad, else its eos); "
+                                "added as a special token if not in the vocabulary, as the "
+                                "reference does with <|extra_0|>", "--pad-token")
+    chat_template: str | None = opt(None, "Jinja chat template file overriding the tokenizer's "
+                                    "(default: the tokenizer's, else the reference's ChatML)",
+                                    "--chat-template")
+    train_on: str = opt("all", "which assistant turns are trained: all or last", "--train-on")
+    train_tool_calls: bool = opt(True, "train on assistant turns that call tools",
+                                 "--train-tool-calls")
+
+
+@dataclass
+class PackingConfig:
+    mode: str = opt("none", "none (one document per line), sequential (the reference's "
+                    "--sequence-packing) or bfd (best-fit-decreasing, least padding)",
+                    "--packing")
+    window: int = opt(2000, "bfd: samples considered together; memory grows with it",
+                      "--pack-window")
+
+
+@dataclass
+class OutputConfig:
+    prefix: str = opt(REQUIRED, "output prefix P: writes P_text_document.{bin,idx} and "
+                      "P_text_document.manifest.json; local path or fsspec URL", "--output-prefix")
+    overwrite: bool = opt(False, "replace an existing output instead of refusing", "--overwrite")
+    spill_dir: str | None = opt(None, "local directory for a remote output before upload "
+                                "(default: the system temp directory)", "--spill-dir")
+
+
+@dataclass
+class RunConfig:
+    workers: int | None = opt(None, "tokenizer actors (default: the cluster's CPUs)", "--workers")
+    batch_size: int = opt(256, "records per tokenizer batch", "--batch-size")
+    block_records: int = opt(2048, "records per block read from a file", "--block-records")
+    progress: bool = opt(True, "show progress bars", "--progress")
+
+
+@dataclass
+class BuildConfig:
+    source: SourceConfig = field(default_factory=SourceConfig)
+    template: TemplateConfig = field(default_factory=TemplateConfig)
+    packing: PackingConfig = field(default_factory=PackingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def document_prefix(self) -> str:
+        return self.output.prefix + "_text_document"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message says which and how to fix it."""
+
+
+def flags(config_cls: type = BuildConfig) -> list[tuple[str, str, dataclasses.Field]]:
+    """``(flag, dotted path, field)`` for every field settable from the command line."""
+    out = []
+    for section in dataclasses.fields(config_cls):
+        for f in dataclasses.fields(section.default_factory):
+            if f.metadata.get("flag"):
+                out.append((f.metadata["flag"], f"{section.name}.{f.name}", f))
+    return out
+
+
+def load(cls: type = BuildConfig, yaml_path: str | None = None,
+         overrides: dict[str, Any] | None = None) -> Any:
+    """Defaults, then the YAML file, then ``overrides`` (``{"template.seq_length": 4096}``)."""
+    config = cls()
+    if yaml_path:
+        with open(yaml_path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+        for section, values in data.items():
+            if not hasattr(config, section) or not isinstance(values, dict):
+                raise ConfigError(f"{yaml_path}: unknown section {section!r}; sections are "
+                                  f"{', '.join(f.name for f in dataclasses.fields(cls))}")
+            for key, value in values.items():
+                _set(config, f"{section}.{key}", value, yaml_path)
+    for path, value in (overrides or {}).items():
+        _set(config, path, value, "command line")
+    return config
+
+
+def _set(config: Any, path: str, value: Any, origin: str) -> None:
+    section, key = path.split(".")
+    target = getattr(config, section)
+    if key not in {f.name for f in dataclasses.fields(target)}:
+        raise ConfigError(f"{origin}: unknown option {path!r}")
+    if key == "inputs" and isinstance(value, str):
+        value = [value]
+    setattr(target, key, value)
+
+
+def validate(config: BuildConfig, need_tokenizer: bool = True, need_output: bool = True) -> None:
+    """Raise ``ConfigError`` naming the first invalid value and the fix."""
+    src, tpl = config.source, config.template
+    if not src.inputs:
+        raise ConfigError("no input: give --input PATH (repeatable) or source.inputs in YAML")
+    if src.format not in ("auto", "alpaca", "messages", "sharegpt"):
+        raise ConfigError(f"--format {src.format!r}: choose auto, alpaca, messages or sharegpt")
+    if src.on_error not in ("fail", "skip"):
+        raise ConfigError(f"--on-error {src.on_error!r}: choose fail or skip")
+    if need_tokenizer and tpl.tokenizer in (REQUIRED, None, ""):
+        raise ConfigError("no tokenizer: give --tokenizer DIR (a Hugging Face tokenizer directory)")
+    if tpl.tokenizer not in (REQUIRED, None, "") and not os.path.isdir(tpl.tokenizer):
+        raise ConfigError(f"--tokenizer {tpl.tokenizer!r} is not a directory")
+    if not isinstance(tpl.seq_length, int) or tpl.seq_length < 2:
+        raise ConfigError(f"--seq-length {tpl.seq_length!r}: must be an integer >= 2")
+    if tpl.train_on not in ("all", "last"):
+        raise ConfigError(f"--train-on {tpl.train_on!r}: choose all or last")
+    if tpl.chat_template and not os.path.isfile(tpl.chat_template):
+        raise ConfigError(f"--chat-template {tpl.chat_template!r} is not a file")
+    if config.packing.mode not in MODES:
+        raise ConfigError(f"--packing {config.packing.mode!r}: choose one of {', '.join(MODES)}")
+    if config.packing.window < 1:
+        raise ConfigError(f"--pack-window {config.packing.window}: must be >= 1")
+    if need_output and config.output.prefix in (REQUIRED, None, ""):
+        raise ConfigError("no output: give --output-prefix P (writes P_text_document.bin/.idx)")
+    run = config.run
+    if run.workers is not None and run.workers < 1:
+        raise ConfigError(f"--workers {run.workers}: must be >= 1")
+    if run.batch_size < 1 or run.block_records < 1:
+        raise ConfigError("--batch-size and --block-records must be >= 1")

@@ -1,0 +1,233 @@
+"""Megatron's memory-mapped indexed dataset (MMIDIDX), in the SFT layout Pai-Megatron-Patch reads.
+
+Byte layout of ``<prefix>.idx`` (little-endian), as Megatron-LM's ``indexed_dataset.py`` writes it::
+
+    9 bytes      magic  b"MMIDIDX\\x00\\x00"
+    <Q           version = 1
+    <B           dtype code (DTYPE_CODES below; sftprep always writes int32 = 4)
+    <Q           sequence count n
+    <Q           document count d + 1
+    int32[n]     sequence lengths, in elements
+    int64[n]     sequence pointers: byte offset of each sequence in .bin
+    int64[d+1]   document index: [0, ...], entry k = sequences before the end of document k
+
+``<prefix>.bin`` holds the sequences back to back in that dtype.
+
+The SFT layout on top (``docs/pai-sft-layout`` in the brief): every document is exactly one
+sequence of ``2*S`` int32 values, ``S`` input ids then ``S`` labels. The last input of every sample
+is stored as ``-1 - id`` (the sample boundary); labels are the next input id where trained, else
+``-100``; a document is padded with the pad id (inputs) and ``-100`` (labels).
+
+This module knows nothing about Ray or tokenizers: constants, a writer, a reader, and the checks
+of every invariant of the layout.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from array import array
+from dataclasses import dataclass
+from typing import BinaryIO, Iterator
+
+import numpy as np
+
+MAGIC = b"MMIDIDX\x00\x00"
+VERSION = 1
+DTYPE_CODES = {
+    np.dtype(np.uint8): 1,
+    np.dtype(np.int8): 2,
+    np.dtype(np.int16): 3,
+    np.dtype(np.int32): 4,
+    np.dtype(np.int64): 5,
+    np.dtype(np.float64): 6,
+    np.dtype(np.float32): 7,
+    np.dtype(np.uint16): 8,
+}
+CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+HEADER = struct.Struct("<9sQBQQ")
+IGNORE_INDEX = -100
+SFT_DTYPE = np.dtype(np.int32)
+
+
+def bin_path(prefix: str) -> str:
+    return prefix + ".bin"
+
+
+def idx_path(prefix: str) -> str:
+    return prefix + ".idx"
+
+
+class IndexedWriter:
+    """Appends documents of one sequence each to a .bin stream; writes the .idx at ``finalize``.
+
+    Only the sequence lengths are kept in memory (4 bytes a document), never the data.
+    """
+
+    def __init__(self, bin_file: BinaryIO, dtype: np.dtype = SFT_DTYPE):
+        self._bin = bin_file
+        self.dtype = np.dtype(dtype)
+        self._lengths = array("i")
+
+    @property
+    def documents(self) -> int:
+        return len(self._lengths)
+
+    def add_documents(self, rows: np.ndarray) -> None:
+        """Write ``rows`` (shape ``[k, L]``): k documents, each one sequence of L elements."""
+        rows = np.ascontiguousarray(rows, dtype=self.dtype)
+        if rows.ndim != 2:
+            raise ValueError(f"expected a 2-D array of documents, got shape {rows.shape}")
+        self._bin.write(rows.data)
+        self._lengths.extend([rows.shape[1]] * rows.shape[0])
+
+    def write_index(self, idx_file: BinaryIO) -> None:
+        n = len(self._lengths)
+        idx_file.write(HEADER.pack(MAGIC, VERSION, DTYPE_CODES[self.dtype], n, n + 1))
+        lengths = np.frombuffer(self._lengths, dtype=np.int32) if n else np.zeros(0, np.int32)
+        idx_file.write(lengths.tobytes())
+        pointers = np.zeros(n, dtype=np.int64)
+        if n:
+            np.cumsum(lengths[:-1], dtype=np.int64, out=pointers[1:])
+            pointers *= self.dtype.itemsize
+        idx_file.write(pointers.tobytes())
+        idx_file.write(np.arange(n + 1, dtype=np.int64).tobytes())
+
+
+@dataclass(frozen=True)
+class Index:
+    dtype: np.dtype
+    sequence_lengths: np.ndarray
+    sequence_pointers: np.ndarray
+    document_index: np.ndarray
+
+
+def read_index(path: str) -> Index:
+    """Parse an .idx file; raises ``LayoutError`` on a malformed header or size."""
+    raw = np.memmap(path, dtype=np.uint8, mode="r")
+    if raw.size < HEADER.size:
+        raise LayoutError(f"{path}: {raw.size} bytes, shorter than the {HEADER.size}-byte header")
+    magic, version, code, n, d = HEADER.unpack(raw[: HEADER.size].tobytes())
+    if magic != MAGIC:
+        raise LayoutError(f"{path}: bad magic {magic!r}, expected {MAGIC!r}")
+    if version != VERSION:
+        raise LayoutError(f"{path}: version {version}, expected {VERSION}")
+    if code not in CODE_DTYPES:
+        raise LayoutError(f"{path}: unknown dtype code {code}")
+    expected = HEADER.size + 4 * n + 8 * n + 8 * d
+    if raw.size != expected:
+        raise LayoutError(f"{path}: {raw.size} bytes, header promises {expected}")
+    off = HEADER.size
+    lengths = np.frombuffer(raw, np.int32, n, off)
+    pointers = np.frombuffer(raw, np.int64, n, off + 4 * n)
+    docs = np.frombuffer(raw, np.int64, d, off + 12 * n)
+    return Index(CODE_DTYPES[code], lengths, pointers, docs)
+
+
+class IndexedReader:
+    """Memory-maps ``<prefix>.bin/.idx``; ``document(k)`` returns document k's values."""
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.index = read_index(idx_path(prefix))
+        size = os.path.getsize(bin_path(prefix))
+        self.data = (np.memmap(bin_path(prefix), dtype=self.index.dtype, mode="r")
+                     if size else np.zeros(0, self.index.dtype))
+
+    def __len__(self) -> int:
+        return len(self.index.document_index) - 1
+
+    def document(self, k: int) -> np.ndarray:
+        ix = self.index
+        first, last = ix.document_index[k], ix.document_index[k + 1]
+        if last == first:
+            return self.data[:0]
+        start = ix.sequence_pointers[first] // ix.dtype.itemsize
+        stop = ix.sequence_pointers[last - 1] // ix.dtype.itemsize + ix.sequence_lengths[last - 1]
+        return self.data[start:stop]
+
+    def rows(self, chunk: int = 4096) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(first_document, rows[k, 2S])`` chunks of a verified uniform SFT file."""
+        width = int(self.index.sequence_lengths[0]) if len(self) else 0
+        table = self.data.reshape(-1, width) if width else self.data.reshape(0, 0)
+        for first in range(0, len(self), chunk):
+            yield first, np.asarray(table[first:first + chunk])
+
+
+class LayoutError(ValueError):
+    """A file breaks the SFT idxmap contract; the message names the first violation."""
+
+
+def check_sft_layout(reader: IndexedReader, seq_length: int | None = None,
+                     pad_id: int | None = None, vocab_size: int | None = None) -> dict:
+    """Check every invariant of the SFT layout; raise ``LayoutError`` at the first violation.
+
+    Returns the figures it saw (documents, samples, tokens, pad). ``seq_length``, ``pad_id`` and
+    ``vocab_size`` are checked when given (the build's manifest gives them), else inferred.
+    """
+    ix, n = reader.index, len(reader)
+    if ix.dtype != SFT_DTYPE:
+        raise LayoutError(f"dtype {ix.dtype}, the SFT layout needs int32 (negative values)")
+    if len(ix.sequence_lengths) != n:
+        raise LayoutError(f"{len(ix.sequence_lengths)} sequences for {n} documents; "
+                          "every document must be exactly one sequence")
+    if not np.array_equal(ix.document_index, np.arange(n + 1)):
+        bad = int(np.argmax(ix.document_index != np.arange(n + 1)))
+        raise LayoutError(f"document index entry {bad} is {ix.document_index[bad]}, expected {bad}")
+    if n == 0:
+        return {"documents": 0, "samples": 0, "tokens": 0, "pad": 0, "seq_length": seq_length}
+    width = int(ix.sequence_lengths[0])
+    if seq_length is None:
+        seq_length = width // 2
+    if width != 2 * seq_length:
+        raise LayoutError(f"document 0 has {width} values, expected 2*S = {2 * seq_length}")
+    if np.any(ix.sequence_lengths != width):
+        bad = int(np.argmax(ix.sequence_lengths != width))
+        raise LayoutError(f"document {bad} has {ix.sequence_lengths[bad]} values, expected {width}")
+    expected_ptr = np.arange(n, dtype=np.int64) * width * SFT_DTYPE.itemsize
+    if not np.array_equal(ix.sequence_pointers, expected_ptr):
+        bad = int(np.argmax(ix.sequence_pointers != expected_ptr))
+        raise LayoutError(f"document {bad} starts at byte {ix.sequence_pointers[bad]}, "
+                          f"expected {expected_ptr[bad]}")
+    if reader.data.size != n * width:
+        raise LayoutError(f".bin holds {reader.data.size} values, the index promises {n * width}")
+    totals = {"documents": n, "samples": 0, "tokens": 0, "pad": 0, "seq_length": seq_length}
+    for first, rows in reader.rows():
+        _check_rows(first, rows, seq_length, pad_id, vocab_size, totals)
+    return totals
+
+
+def _check_rows(first: int, rows: np.ndarray, S: int, pad_id: int | None,
+                vocab_size: int | None, totals: dict) -> None:
+    inputs, labels = rows[:, :S], rows[:, S:]
+    markers = inputs < 0
+    ids = np.where(markers, -1 - inputs, inputs)
+
+    def fail(mask: np.ndarray, what: str) -> None:
+        if mask.any():
+            r, c = np.unravel_index(int(np.argmax(mask)), mask.shape)
+            raise LayoutError(f"document {first + r}, position {c}: {what}")
+
+    fail(~markers.any(axis=1)[:, None], "no sample boundary (no negative input id)")
+    if vocab_size is not None:
+        fail(ids >= vocab_size, f"input id out of the vocabulary (size {vocab_size})")
+        fail(labels >= vocab_size, f"label out of the vocabulary (size {vocab_size})")
+    fail((labels < 0) & (labels != IGNORE_INDEX), f"label below 0 and not {IGNORE_INDEX}")
+    trained = labels != IGNORE_INDEX
+    fail(trained & markers, "a trained label at a sample boundary")
+    fail(trained[:, -1:], "a trained label at the last position (no next token)")
+    nxt = np.zeros_like(ids)
+    nxt[:, :-1] = ids[:, 1:]
+    fail(trained & (labels != nxt), "label is not the next input id")
+    # Everything after the last boundary is padding: the pad id as input, -100 as label.
+    last = S - 1 - np.argmax(markers[:, ::-1], axis=1)
+    tail = np.arange(S)[None, :] > last[:, None]
+    if pad_id is None:
+        pad_id_row = np.where(last < S - 1, inputs[np.arange(len(rows)), np.minimum(last + 1, S - 1)], 0)
+        fail(tail & (inputs != pad_id_row[:, None]), "padding is not one repeated pad id")
+    else:
+        fail(tail & (inputs != pad_id), f"padding is not the pad id {pad_id}")
+    fail(tail & trained, "a trained label in the padding")
+    totals["samples"] += int(markers.sum())
+    totals["tokens"] += int((~tail).sum())
+    totals["pad"] += int(tail.sum())

@@ -1,0 +1,156 @@
+"""The Ray Data job: read → map_batches(Tokenize) on an actor pool → one ordered writer actor.
+
+Order: ``preserve_order`` makes Ray Data hand out blocks in input order however many read tasks
+and tokenizer actors ran; the driver passes block *references* (never the data) to the single
+writer actor, one call at a time in that order, and the writer checks the order itself. So the
+output bytes depend only on the input and the configuration.
+
+CPU budget: a pool that claims every CPU starves the read tasks and the job stalls, so each
+tokenizer actor claims at most 90% of a CPU share and read tasks claim a tenth of a CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import asdict
+from typing import Callable, Iterator
+
+import pyarrow as pa
+import ray
+
+import sftprep
+from sftprep.config import BuildConfig, ConfigError, validate
+from sftprep.sources import SCHEMA as RECORD_SCHEMA
+from sftprep.sources import InputFile, expand_inputs, read_records
+from sftprep.storage import filesystem, redact
+from sftprep.template import load_tokenizer, tokenizer_fingerprint
+from sftprep.tokenize import Tokenize, TokenizeSpec
+from sftprep.writer import MANIFEST, SUFFIXES, SFTWriter
+
+log = logging.getLogger("sftprep")
+
+READ_CPUS = 0.1
+ACTOR_CPU_SHARE = 0.9
+MAX_BLOCKS_IN_FLIGHT = 4
+PROGRESS_SECONDS = 10.0
+
+
+class RecordSource(ray.data.Datasource):
+    """One read task per input file, streaming it as blocks of raw records (see ``sources``)."""
+
+    def __init__(self, files: list[InputFile], storage_options: dict, block_records: int):
+        self.files = files
+        self.storage_options = storage_options
+        self.block_records = block_records
+
+    def estimate_inmemory_data_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
+        tasks = []
+        for index, f in enumerate(self.files):
+            def read(url=f.url, index=index) -> Iterator[pa.Table]:
+                yield from read_records(url, self.storage_options, index, self.block_records)
+            meta = ray.data.block.BlockMetadata(num_rows=None, size_bytes=f.size,
+                                                input_files=[f.url], exec_stats=None)
+            tasks.append(ray.data.ReadTask(read, meta, schema=RECORD_SCHEMA))
+        return tasks
+
+    def get_name(self) -> str:
+        return "ReadSFTRecords"
+
+
+def ensure_ray() -> None:
+    """Join the cluster of ``ray job submit`` (or RAY_ADDRESS), else start a local runtime."""
+    if not ray.is_initialized():
+        ray.init(log_to_driver=True, logging_level=logging.WARNING)
+
+
+def tokenize_spec(config: BuildConfig) -> TokenizeSpec:
+    t = config.template
+    return TokenizeSpec(tokenizer=t.tokenizer, seq_length=t.seq_length, pad_token=t.pad_token,
+                        chat_template=t.chat_template, train_on=t.train_on,
+                        train_tool_calls=t.train_tool_calls, format=config.source.format,
+                        columns=tuple(sorted(config.source.columns.items())))
+
+
+def tokenized_dataset(config: BuildConfig, files: list[InputFile]) -> ray.data.Dataset:
+    """The read and tokenize stages, in input order."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = config.run.progress
+    workers = config.run.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    cpus = ray.cluster_resources().get("CPU", 1)
+    actor_cpus = round(min(1.0, cpus / workers) * ACTOR_CPU_SHARE, 3)
+    ds = ray.data.read_datasource(
+        RecordSource(files, config.source.storage_options, config.run.block_records),
+        num_cpus=READ_CPUS)
+    return ds.map_batches(Tokenize, fn_constructor_args=(tokenize_spec(config),),
+                          batch_size=config.run.batch_size, batch_format="pyarrow",
+                          compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=actor_cpus,
+                          runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+
+
+def check_output_free(config: BuildConfig) -> None:
+    prefix = config.document_prefix
+    fs, path = filesystem(prefix, config.source.storage_options)
+    existing = [path + s for s in SUFFIXES + (MANIFEST,) if fs.exists(path + s)]
+    if existing and not config.output.overwrite:
+        raise ConfigError(f"output exists: {', '.join(existing)}; pass --overwrite to replace it")
+
+
+def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None) -> dict:
+    """Run the whole build; return the manifest (whose ``summary`` has the figures)."""
+    validate(config)
+    started = time.time()
+    files = expand_inputs(config.source.inputs, config.source.storage_options)
+    check_output_free(config)
+    tok = load_tokenizer(config.template.tokenizer, config.template.pad_token,
+                         config.template.chat_template)
+    ensure_ray()
+    here = ray.get_runtime_context().get_node_id()
+    writer = ray.remote(SFTWriter).options(
+        num_cpus=0, max_restarts=0,
+        scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
+            here, soft=False),
+    ).remote(config.document_prefix, [f.url for f in files], config.template.seq_length,
+             tok.pad_token_id, config.packing.mode, config.packing.window,
+             config.source.on_error, config.source.storage_options, config.output.spill_dir,
+             len(tok))
+    try:
+        in_flight: deque = deque()
+        last_report = time.time()
+        for bundle in tokenized_dataset(config, files).iter_internal_ref_bundles():
+            for block_ref in bundle.block_refs:
+                in_flight.append(writer.consume.remote(block_ref))
+                while len(in_flight) > MAX_BLOCKS_IN_FLIGHT:
+                    progress = ray.get(in_flight.popleft())
+                    if on_progress and time.time() - last_report > PROGRESS_SECONDS:
+                        on_progress({**progress, "seconds": time.time() - started})
+                        last_report = time.time()
+        ray.get(list(in_flight))
+        elapsed = time.time() - started
+        extra = {
+            "sftprep_version": sftprep.__version__,
+            "ray_version": ray.__version__,
+            "created_unix": round(started, 3),
+            "elapsed_seconds": round(elapsed, 3),
+            "inputs": [{"url": f.url, "bytes": f.size} for f in files],
+            "tokenizer": {"path": config.template.tokenizer,
+                          "sha256": tokenizer_fingerprint(config.template.tokenizer, tok),
+                          "pad_token": tok.pad_token, "pad_id": tok.pad_token_id,
+                          "vocab_size": len(tok)},
+            "config": redact(asdict(config)),
+        }
+        manifest = ray.get(writer.finish.remote(extra))
+    except BaseException:
+        try:
+            ray.get(writer.abort.remote(), timeout=60)
+        except Exception:  # the writer itself may be what died; its files are temporary names
+            log.warning("could not clean up the writer's temporary files")
+        raise
+    finally:
+        ray.kill(writer, no_restart=True)
+    return manifest

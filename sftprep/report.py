@@ -1,0 +1,44 @@
+"""What people read: the progress line and the end-of-run summary (the manifest has the same)."""
+
+from __future__ import annotations
+
+
+def _n(x) -> str:
+    return f"{x:,}" if isinstance(x, int) else str(x)
+
+
+def progress_line(p: dict) -> str:
+    rate = p["tokens"] / p["seconds"] if p.get("seconds") else 0
+    return (f"[sftprep] {_n(p['records'])} records, {_n(p['samples'])} samples -> "
+            f"{_n(p['documents'])} documents, {_n(p['tokens'])} tokens "
+            f"({rate:,.0f} tokens/s, {p.get('seconds', 0):.0f}s)")
+
+
+def summary_text(manifest: dict) -> str:
+    s = manifest["summary"]
+    lines = [
+        f"records read        {_n(s['records'])}",
+        f"samples in          {_n(s['samples_in'])}",
+        f"samples written     {_n(s['samples_written'])}",
+        f"rejected records    {_n(s['rejected_records'])}" + _reasons(s["rejected_by_reason"]),
+        f"dropped samples     {_n(s['dropped_samples'])}" + _reasons(s["dropped_by_reason"]),
+        f"truncated samples   {_n(s['truncated_samples'])} ({_n(s['tokens_cut'])} tokens cut)",
+        f"documents           {_n(s['documents'])} x 2*{s['seq_length']} int32",
+        f"tokens              {_n(s['tokens'])} ({_n(s['trained_tokens'])} trained)",
+        f"pad fraction        {s['pad_fraction']:.2%}",
+        f"packing efficiency  {s['packing_efficiency']:.2%} "
+        f"({s['samples_per_document_mean']} samples/document, max {s['samples_per_document_max']})",
+    ]
+    if s.get("elapsed_seconds"):
+        lines.append(f"time                {s['elapsed_seconds']:.1f}s, "
+                     f"{s['tokens_per_second']:,} tokens/s "
+                     f"(writer {s['writer_tokens_per_second'] or 0:,} tokens/s)")
+    files = manifest["files"]
+    lines.append(f"output              {files['bin'].rsplit('.', 1)[0]} (.bin/.idx, verified)")
+    if "rejects" in files:
+        lines.append(f"not written, why    {files['rejects']}")
+    return "\n".join(lines)
+
+
+def _reasons(by: dict) -> str:
+    return (" (" + ", ".join(f"{k}: {_n(v)}" for k, v in by.items()) + ")") if by else ""

@@ -1,0 +1,140 @@
+"""Chat templating: the tokenizer as the reference sets it up, and where each turn's text lies.
+
+The loss mask comes from rendered prefixes, never from re-tokenizing them: the conversation is
+rendered once in full and tokenized once; each assistant turn ``i`` spans the characters from the
+end of ``render(messages[:i])`` to the end of ``render(messages[:i+1])``, and those character
+offsets are mapped to token positions of the full encoding. For a single turn this is exactly the
+contract's rule: the prompt is ``render(conversation[:1])`` and everything after it is trained.
+
+Some templates render a message differently when it is the last one (the Qwen3 template adds an
+empty ``<think>`` block to the final assistant turn and strips reasoning from earlier ones), so a
+prefix render is not always a prefix of the full text. Then the boundary is found where the two
+agree again: after the longest tail of the prefix render that continues the full text at the
+point they diverged. If no such point exists the conversation is rejected rather than mislabeled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+from sftprep.records import Conversation
+
+# The reference's ChatML template, used when the tokenizer has none and none is given.
+REFERENCE_CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+class TemplateError(ValueError):
+    """The chat template cannot place this conversation's loss mask (or failed to render it)."""
+
+
+def load_tokenizer(path: str, pad_token: str | None = None, chat_template: str | None = None):
+    """Load a Hugging Face tokenizer offline and set its pad token and chat template.
+
+    ``pad_token`` is added as a special token when given (the reference adds ``<|extra_0|>``;
+    on a vocabulary without it the new id is ``len(tokenizer)``); otherwise the tokenizer's pad
+    token is kept, else its eos token is used. ``chat_template`` is a file path.
+    """
+    from transformers import AutoTokenizer  # heavy import, only where a tokenizer is needed
+
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if pad_token:
+        tok.add_special_tokens({"pad_token": pad_token})
+    elif tok.pad_token is None:
+        if tok.eos_token is None:
+            raise TemplateError(f"tokenizer {path} has neither a pad nor an eos token; "
+                                "give --pad-token")
+        tok.pad_token = tok.eos_token
+    if chat_template:
+        with open(chat_template, encoding="utf-8") as f:
+            tok.chat_template = f.read()
+    elif not tok.chat_template:
+        tok.chat_template = REFERENCE_CHATML
+    return tok
+
+
+def tokenizer_fingerprint(path: str, tok) -> str:
+    """sha256 over the tokenizer directory's files and the effective template and pad token."""
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if os.path.isfile(full):
+            h.update(name.encode() + b"\0")
+            with open(full, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+    h.update(str(tok.chat_template).encode() + b"\0" + str(tok.pad_token).encode())
+    return h.hexdigest()
+
+
+@dataclass
+class Rendered:
+    """A conversation's full text and the character spans whose tokens are trained."""
+
+    text: str
+    trained: list[tuple[int, int]]
+
+
+class ChatRenderer:
+    """Renders conversations and finds the character span of every trained assistant turn."""
+
+    def __init__(self, tokenizer, train_on: str = "all", train_tool_calls: bool = True):
+        self.tok = tokenizer
+        self.train_on = train_on
+        self.train_tool_calls = train_tool_calls
+
+    def render(self, messages: list[dict], tools: list | None = None) -> str:
+        try:
+            return self.tok.apply_chat_template(messages, tools=tools, tokenize=False)
+        except Exception as e:  # jinja2 raises many kinds; all mean "this input does not render"
+            raise TemplateError(f"the chat template failed: {type(e).__name__}: {e}") from None
+
+    def __call__(self, conv: Conversation) -> Rendered:
+        msgs = conv.messages
+        full = self.render(msgs, conv.tools)
+        turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
+        if self.train_on == "last":
+            turns = turns[-1:]
+        if not self.train_tool_calls:
+            turns = [i for i in turns if not msgs[i].get("tool_calls")]
+        bounds: dict[int, int] = {0: 0, len(msgs): len(full)}
+        spans = []
+        for i in turns:
+            for k in (i, i + 1):
+                if k not in bounds:
+                    bounds[k] = self._boundary(full, self.render(msgs[:k], conv.tools), k)
+            if bounds[i + 1] < bounds[i]:
+                raise TemplateError(f"turn {i} ends before it starts in the rendered text")
+            spans.append((bounds[i], bounds[i + 1]))
+        return Rendered(full, spans)
+
+    @staticmethod
+    def _boundary(full: str, prefix: str, k: int) -> int:
+        """Where the rendering of the first ``k`` messages ends inside ``full``."""
+        if full.startswith(prefix):
+            return len(prefix)
+        lcp = _common_prefix(full, prefix)
+        tail = prefix[lcp:]
+        for j in range(len(tail)):  # longest tail of the prefix render that continues ``full``
+            if full.startswith(tail[j:], lcp):
+                return lcp + len(tail) - j
+        raise TemplateError(f"the chat template renders message {k - 1} differently in context "
+                            "and the two renderings never agree again; the loss mask cannot be "
+                            "placed (give a --chat-template whose turns render independently)")
+
+
+def _common_prefix(a: str, b: str) -> int:
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:  # binary search on slices: fast in C, no Python loop over characters
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

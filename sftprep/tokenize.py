@@ -1,0 +1,154 @@
+"""The tokenizer stage: raw records in, one row per sample out (ids, labels, or why not).
+
+Runs in ``map_batches`` on an actor pool: the tokenizer is loaded once per actor in
+``__init__``; ``__call__`` parses a batch of records, renders every conversation, and encodes all
+of them in one batch call of the fast tokenizer. Rows keep their ``(file, line)`` origin and the
+sample's index within its line, so the ordered stage can rebuild groups and report problems.
+
+Per sample, with ``L`` tokens and trained spans from the template (contract, "One sample"):
+``labels[t] = ids[t+1]`` where token ``t+1`` is trained, else ``-100``; ``labels[L-1] = -100``;
+the last input becomes ``-1 - id`` (the sample boundary). Samples longer than ``S`` are cut to
+``S`` first; a sample with no trained token inside the first ``S`` (the prompt alone fills the
+window) is dropped, which is the reference's rule ``len(prompt_ids) >= S``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from sftprep.idxmap import IGNORE_INDEX
+from sftprep.records import RecordError, parse_group
+from sftprep.template import ChatRenderer, TemplateError, load_tokenizer
+
+OK, REJECTED, DROPPED = "ok", "rejected", "dropped"
+REJECT_TEXT_CHARS = 2000
+SCHEMA = pa.schema([
+    ("file", pa.int32()), ("line", pa.int64()),
+    ("sample", pa.int32()),          # index within the line's group; -1 for a whole-line reject
+    ("status", pa.string()),         # ok | rejected (bad input) | dropped (too long)
+    ("reason", pa.string()), ("detail", pa.string()), ("text", pa.string()),
+    ("tokens", pa.int32()),          # full length before any cut
+    ("prompt_tokens", pa.int32()),   # tokens before the first trained one
+    ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+])
+
+
+@dataclass(frozen=True)
+class TokenizeSpec:
+    """What the stage needs, picklable for the actors."""
+
+    tokenizer: str
+    seq_length: int
+    pad_token: str | None = None
+    chat_template: str | None = None
+    train_on: str = "all"
+    train_tool_calls: bool = True
+    format: str = "auto"
+    columns: tuple = ()
+
+
+class Tokenize:
+    def __init__(self, spec: TokenizeSpec):
+        self.spec = spec
+        self.tok = load_tokenizer(spec.tokenizer, spec.pad_token, spec.chat_template)
+        self.encoder = self.tok.backend_tokenizer
+        self.render = ChatRenderer(self.tok, spec.train_on, spec.train_tool_calls)
+        self.columns = dict(spec.columns)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = _Rows()
+        todo = []  # (file, line, sample index, raw text, Rendered)
+        for f, line, raw in zip(batch["file"].to_pylist(), batch["line"].to_pylist(),
+                                batch["text"].to_pylist()):
+            try:
+                rendered = [self.render(c) for c in parse_group(raw, self.spec.format, self.columns)]
+            except (RecordError, TemplateError) as e:
+                reason = e.reason if isinstance(e, RecordError) else "template"
+                detail = e.detail if isinstance(e, RecordError) else str(e)
+                out.problem(f, line, -1, REJECTED, reason, detail, raw)
+                continue
+            todo += [(f, line, k, raw, r) for k, r in enumerate(rendered)]
+        encodings = self.encoder.encode_batch([r.text for *_, r in todo], add_special_tokens=False)
+        for (f, line, k, raw, r), enc in zip(todo, encodings):
+            self._sample(out, f, line, k, raw, r, enc)
+        return out.table()
+
+    def _sample(self, out: "_Rows", f, line, k, raw, rendered, enc) -> None:
+        S = self.spec.seq_length
+        ids = np.asarray(enc.ids, dtype=np.int32)
+        n = len(ids)
+        trained = np.zeros(n, dtype=bool)
+        for a, b in rendered.trained:
+            trained[_token_at(enc, a, n, len(rendered.text)):
+                    _token_at(enc, b, n, len(rendered.text))] = True
+        first = int(np.argmax(trained)) if trained.any() else n
+        ids, trained = ids[:S], trained[:S]
+        if not trained[1:].any():
+            detail = (f"{first} prompt tokens >= seq-length {S}" if first >= S
+                      else "no trained token (empty assistant turns)")
+            out.problem(f, line, k, DROPPED, "prompt too long" if first >= S else "nothing to train",
+                        detail, raw, tokens=n, prompt_tokens=first)
+            return
+        labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
+        labels[:-1] = np.where(trained[1:], ids[1:], IGNORE_INDEX)
+        ids[-1] = -1 - ids[-1]
+        out.sample(f, line, k, n, first, ids, labels)
+
+
+def _token_at(enc, char: int, n: int, text_len: int) -> int:
+    """Index of the first token starting at or after character ``char`` of the encoded text.
+
+    A boundary inside a token (a template whose turns are not split by special tokens) puts
+    that token on the later side.
+    """
+    while char < text_len:
+        t = enc.char_to_token(char)
+        if t is not None:
+            return t if enc.token_to_chars(t)[0] >= char else t + 1
+        char += 1
+    return n
+
+
+class _Rows:
+    """Column builder for the stage's output table."""
+
+    def __init__(self):
+        self.cols = {name: [] for name in SCHEMA.names if name not in ("input_ids", "labels")}
+        self.ids: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+
+    def _row(self, **values) -> None:
+        for name, col in self.cols.items():
+            col.append(values.get(name))
+
+    def sample(self, f, line, k, tokens, prompt_tokens, ids, labels) -> None:
+        self._row(file=f, line=line, sample=k, status=OK, tokens=tokens,
+                  prompt_tokens=prompt_tokens)
+        self.ids.append(ids)
+        self.labels.append(labels)
+
+    def problem(self, f, line, k, status, reason, detail, raw: bytes, tokens=None,
+                prompt_tokens=None) -> None:
+        text = raw[:REJECT_TEXT_CHARS * 4].decode("utf-8", errors="replace")[:REJECT_TEXT_CHARS]
+        self._row(file=f, line=line, sample=k, status=status, reason=reason, detail=detail,
+                  text=text, tokens=tokens, prompt_tokens=prompt_tokens)
+        self.ids.append(_EMPTY)
+        self.labels.append(_EMPTY)
+
+    def table(self) -> pa.Table:
+        arrays = [pa.array(self.cols[name], SCHEMA.field(name).type) for name in self.cols]
+        arrays += [_list_array(self.ids), _list_array(self.labels)]
+        return pa.Table.from_arrays(arrays, schema=SCHEMA)
+
+
+_EMPTY = np.zeros(0, dtype=np.int32)
+
+
+def _list_array(parts: list[np.ndarray]) -> pa.ListArray:
+    offsets = np.zeros(len(parts) + 1, dtype=np.int32)
+    np.cumsum([len(p) for p in parts], out=offsets[1:])
+    values = np.concatenate(parts) if parts else _EMPTY
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int32()))

@@ -1,0 +1,244 @@
+"""The ordered stage: samples in input order → packed documents → ``.bin/.idx``, atomically.
+
+``SFTWriter`` is a plain class (unit-tested without Ray); the pipeline runs exactly one of it as
+a Ray actor and feeds it the tokenizer stage's blocks in input order. It checks that order,
+rebuilds each line's group, packs, writes documents as they fill, reports every record it does
+not write, and at the end verifies the files against the contract before they get their final
+names.
+
+Atomicity: data goes to ``<prefix>.tmp-<run>.bin/.idx`` beside the output (or in a local spill
+directory for a remote output). On success the old ``.idx`` is removed first, then the ``.bin``
+and the ``.idx`` are renamed (or uploaded) in that order and the manifest last, so at no moment
+does a ``.idx`` sit beside a ``.bin`` it does not describe. On failure the temporary files are
+deleted. ossfs cannot stream writes over 5 MiB, hence the local spill and ``put_file``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from sftprep import idxmap
+from sftprep.packing import Document, Piece, make_packer
+from sftprep.storage import filesystem, is_remote
+from sftprep.tokenize import DROPPED, OK, REJECTED
+
+SUFFIXES = (".bin", ".idx")
+MANIFEST = ".manifest.json"
+REJECTS = ".rejects.jsonl"
+
+
+class BadRecordError(ValueError):
+    """A bad input record under ``--on-error fail``; names the file, line and what is wrong."""
+
+
+class SFTWriter:
+    def __init__(self, document_prefix: str, files: list[str], seq_length: int, pad_id: int,
+                 packing: str = "none", pack_window: int = 2000, on_error: str = "fail",
+                 storage_options: dict | None = None, spill_dir: str | None = None,
+                 vocab_size: int | None = None):
+        self.prefix = document_prefix
+        self.files = files
+        self.S = seq_length
+        self.pad_id = pad_id
+        self.vocab_size = vocab_size
+        self.on_error = on_error
+        self.storage_options = storage_options
+        self.packer = make_packer(packing, seq_length, pack_window)
+        self.remote = is_remote(document_prefix)
+        run = uuid.uuid4().hex[:8]
+        if self.remote:
+            self._spill = tempfile.mkdtemp(prefix="sftprep-", dir=spill_dir)
+            self.local = os.path.join(self._spill, os.path.basename(document_prefix))
+        else:
+            self._spill = None
+            self.local = document_prefix
+            os.makedirs(os.path.dirname(os.path.abspath(document_prefix)), exist_ok=True)
+        self.tmp = f"{self.local}.tmp-{run}"
+        self._bin = open(self.tmp + ".bin", "wb")
+        self._rejects = None
+        self.index = idxmap.IndexedWriter(self._bin)
+        self._last_key = (-1, -1, -1)
+        self._group_key: tuple[int, int] | None = None
+        self._group: list[Piece] = []
+        self._pending_docs: list[Document] = []
+        self.c = Counter()
+        self.reasons: dict[str, Counter] = {REJECTED: Counter(), DROPPED: Counter()}
+        self.max_samples_per_doc = 0
+        self.started = time.time()
+        self.write_seconds = 0.0
+
+    # -- consuming ---------------------------------------------------------------------------
+
+    def consume(self, table: pa.Table) -> dict:
+        """Take one block of the tokenizer stage's output (rows in input order)."""
+        t0 = time.perf_counter()
+        ids_col, labels_col = table["input_ids"].combine_chunks(), table["labels"].combine_chunks()
+        ids_values = ids_col.values.to_numpy()
+        labels_values = labels_col.values.to_numpy()
+        offsets = ids_col.offsets.to_numpy()
+        cols = {n: table[n].to_pylist() for n in ("file", "line", "sample", "status", "reason",
+                                                  "detail", "text", "tokens")}
+        for i in range(table.num_rows):
+            key = (cols["file"][i], cols["line"][i], cols["sample"][i])
+            if key <= self._last_key:
+                raise RuntimeError(f"records arrived out of order: {key} after {self._last_key}; "
+                                   "the ordered stage needs preserve_order")
+            self._last_key = key
+            if key[:2] != self._group_key:
+                self._close_group()
+                self._group_key = key[:2]
+                self.c["records"] += 1
+            status = cols["status"][i]
+            if status == OK:
+                a, b = offsets[i], offsets[i + 1]
+                self._group.append(Piece(int(b - a), (ids_values[a:b], labels_values[a:b])))
+                self.c["samples"] += 1
+                self.c["truncated"] += cols["tokens"][i] > self.S
+                self.c["tokens_cut"] += max(0, cols["tokens"][i] - self.S)
+            else:
+                self._problem(status, {n: cols[n][i] for n in cols})
+        self._write_pending()
+        self.write_seconds += time.perf_counter() - t0
+        return self.progress()
+
+    def _problem(self, status: str, row: dict) -> None:
+        where = f"{self.files[row['file']]}:{row['line']}"
+        if status == REJECTED and self.on_error == "fail":
+            raise BadRecordError(
+                f"{where}: {row['reason']}: {row['detail']}\n(fix the record, or run with "
+                f"--on-error skip to write the good records and list the bad ones in "
+                f"{os.path.basename(self.prefix)}{REJECTS})")
+        self.c[status] += 1
+        self.reasons[status][row["reason"]] += 1
+        if self._rejects is None:
+            self._rejects = open(self.tmp + REJECTS, "w", encoding="utf-8")
+        entry = {"file": self.files[row["file"]], "line": row["line"], "status": status,
+                 "reason": row["reason"], "detail": row["detail"], "text": row["text"]}
+        if row["sample"] >= 0:
+            entry["sample"] = row["sample"]
+        self._rejects.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    def _close_group(self) -> None:
+        if self._group:
+            self._pending_docs.extend(self.packer.add(self._group))
+        self._group = []
+
+    def _write_pending(self) -> None:
+        docs, self._pending_docs = self._pending_docs, []
+        if not docs:
+            return
+        S = self.S
+        rows = np.empty((len(docs), 2 * S), dtype=np.int32)
+        rows[:, :S] = self.pad_id
+        rows[:, S:] = idxmap.IGNORE_INDEX
+        for r, doc in enumerate(docs):
+            at = 0
+            for piece in doc:
+                ids, labels = piece.payload
+                rows[r, at:at + piece.length] = ids
+                rows[r, S + at:S + at + piece.length] = labels
+                at += piece.length
+            self.c["tokens"] += at
+            self.c["trained"] += int(np.count_nonzero(rows[r, S:S + at] != idxmap.IGNORE_INDEX))
+            self.max_samples_per_doc = max(self.max_samples_per_doc, len(doc))
+        self.index.add_documents(rows)
+
+    def progress(self) -> dict:
+        return {"records": self.c["records"], "samples": self.c["samples"],
+                "documents": self.index.documents, "tokens": self.c["tokens"]}
+
+    # -- finishing ---------------------------------------------------------------------------
+
+    def finish(self, manifest_extra: dict[str, Any]) -> dict:
+        """Flush, write the index, verify, publish atomically; return the summary."""
+        t0 = time.perf_counter()
+        self._close_group()
+        self._pending_docs.extend(self.packer.flush())
+        self._write_pending()
+        self._bin.close()
+        with open(self.tmp + ".idx", "wb") as f:
+            self.index.write_index(f)
+        if self._rejects:
+            self._rejects.close()
+        self.write_seconds += time.perf_counter() - t0
+        check = idxmap.check_sft_layout(idxmap.IndexedReader(self.tmp), self.S, self.pad_id,
+                                        self.vocab_size)
+        summary = self.summary()
+        elapsed = manifest_extra.get("elapsed_seconds")
+        if elapsed:
+            summary["elapsed_seconds"] = elapsed
+            summary["tokens_per_second"] = round(summary["tokens"] / elapsed)
+        if check["tokens"] != summary["tokens"] or check["samples"] != summary["samples_written"]:
+            raise RuntimeError(f"verification disagrees with the writer's counts: {check}")
+        manifest = {**manifest_extra, "summary": summary, "verified": True,
+                    "files": {s.lstrip("."): self.prefix + s for s in SUFFIXES}}
+        if self._rejects:
+            manifest["files"]["rejects"] = self.prefix + REJECTS
+        with open(self.tmp + MANIFEST, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2, ensure_ascii=False)
+        self._publish()
+        return manifest
+
+    def summary(self) -> dict:
+        docs, S = self.index.documents, self.S
+        slots = docs * S
+        return {
+            "records": self.c["records"],
+            "samples_in": self.c["samples"] + self.c[DROPPED],
+            "samples_written": self.c["samples"],
+            "rejected_records": self.c[REJECTED],
+            "rejected_by_reason": dict(sorted(self.reasons[REJECTED].items())),
+            "dropped_samples": self.c[DROPPED],
+            "dropped_by_reason": dict(sorted(self.reasons[DROPPED].items())),
+            "truncated_samples": self.c["truncated"],
+            "tokens_cut": self.c["tokens_cut"],
+            "documents": docs,
+            "seq_length": S,
+            "tokens": self.c["tokens"],
+            "trained_tokens": self.c["trained"],
+            "pad_fraction": round(1 - self.c["tokens"] / slots, 6) if slots else 0.0,
+            "packing_efficiency": round(self.c["tokens"] / slots, 6) if slots else 0.0,
+            "samples_per_document_mean": round(self.c["samples"] / docs, 3) if docs else 0.0,
+            "samples_per_document_max": self.max_samples_per_doc,
+            "writer_seconds": round(self.write_seconds, 3),
+            "writer_tokens_per_second": round(self.c["tokens"] / self.write_seconds)
+            if self.write_seconds else None,
+        }
+
+    def _publish(self) -> None:
+        names = list(SUFFIXES) + ([REJECTS] if self._rejects else []) + [MANIFEST]
+        if not self.remote:
+            for stale in (".idx", MANIFEST, ".bin", REJECTS):  # the index goes first
+                if os.path.exists(self.prefix + stale):
+                    os.remove(self.prefix + stale)
+            for s in names:
+                os.replace(self.tmp + s, self.prefix + s)
+            return
+        fs, path = filesystem(self.prefix, self.storage_options)
+        for stale in (".idx", MANIFEST, REJECTS, ".bin"):
+            if fs.exists(path + stale):
+                fs.rm(path + stale)
+        for s in names:
+            fs.put_file(self.tmp + s, path + s)
+        shutil.rmtree(self._spill, ignore_errors=True)
+
+    def abort(self) -> None:
+        """Delete every temporary file; a failed run leaves nothing that looks like output."""
+        for f in (self._bin, self._rejects):
+            if f is not None and not f.closed:
+                f.close()
+        for s in list(SUFFIXES) + [REJECTS, MANIFEST]:
+            if os.path.exists(self.tmp + s):
+                os.remove(self.tmp + s)
+        if self._spill:
+            shutil.rmtree(self._spill, ignore_errors=True)
