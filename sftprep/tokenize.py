@@ -60,20 +60,24 @@ class Tokenize:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = _Rows()
-        todo = []  # (file, line, sample index, raw text, Rendered)
+        todo = []  # in input order: (file, line, sample index, raw text, Rendered or RecordError)
         for f, line, raw in zip(batch["file"].to_pylist(), batch["line"].to_pylist(),
                                 batch["text"].to_pylist()):
             try:
                 rendered = [self.render(c) for c in parse_group(raw, self.spec.format, self.columns)]
-            except (RecordError, TemplateError) as e:
-                reason = e.reason if isinstance(e, RecordError) else "template"
-                detail = e.detail if isinstance(e, RecordError) else str(e)
-                out.problem(f, line, -1, REJECTED, reason, detail, raw)
-                continue
-            todo += [(f, line, k, raw, r) for k, r in enumerate(rendered)]
-        encodings = self.encoder.encode_batch([r.text for *_, r in todo], add_special_tokens=False)
-        for (f, line, k, raw, r), enc in zip(todo, encodings):
-            self._sample(out, f, line, k, raw, r, enc)
+            except TemplateError as e:
+                todo.append((f, line, -1, raw, RecordError("template", str(e))))
+            except RecordError as e:
+                todo.append((f, line, -1, raw, e))
+            else:
+                todo += [(f, line, k, raw, r) for k, r in enumerate(rendered)]
+        encodings = iter(self.encoder.encode_batch(
+            [r.text for *_, r in todo if not isinstance(r, RecordError)], add_special_tokens=False))
+        for f, line, k, raw, r in todo:
+            if isinstance(r, RecordError):
+                out.problem(f, line, k, REJECTED, r.reason, r.detail, raw)
+            else:
+                self._sample(out, f, line, k, raw, r, next(encodings))
         return out.table()
 
     def _sample(self, out: "_Rows", f, line, k, raw, rendered, enc) -> None:

@@ -1,0 +1,129 @@
+"""End to end on a real local Ray runtime: bytes against the contract, determinism, bad input."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+
+import pytest
+
+from fixtures import alpaca_samples, lines_with_groups, write_jsonl
+from contract import build_bytes
+from sftprep import pipeline
+from sftprep.config import BuildConfig, ConfigError, load
+from sftprep.idxmap import IndexedReader
+from sftprep.writer import BadRecordError
+
+S = 256
+
+
+def build(inputs, tokenizer, prefix, **options):
+    overrides = {"source.inputs": list(inputs), "template.tokenizer": tokenizer,
+                 "template.seq_length": S, "output.prefix": str(prefix), "run.progress": False}
+    overrides.update({k.replace("__", "."): v for k, v in options.items()})
+    return pipeline.build(load(BuildConfig, None, overrides))
+
+
+def read(prefix) -> tuple[bytes, bytes]:
+    with open(f"{prefix}_text_document.bin", "rb") as b, open(f"{prefix}_text_document.idx", "rb") as i:
+        return b.read(), i.read()
+
+
+@pytest.fixture(scope="module")
+def reference_lines():
+    samples = alpaca_samples(48, seed=1)
+    # One prompt longer than S: the reference drops it, in a dict line and inside a list line.
+    huge = {"instruction": "Repeat after me: " + "lorem ipsum " * 200, "input": "", "output": "ok"}
+    lines = lines_with_groups(samples)
+    lines.insert(3, huge)
+    lines.insert(9, [samples[0], huge, samples[1]])
+    return lines
+
+
+@pytest.mark.parametrize("packing", ["none", "sequential"])
+def test_reference_settings_give_the_reference_bytes(ray_session, qwen, qwen_dir, tmp_path,
+                                                     reference_lines, packing):
+    path = write_jsonl(tmp_path / "train.jsonl", reference_lines)
+    manifest = build([path], qwen_dir, tmp_path / "out", template__pad_token="<|extra_0|>",
+                     packing__mode=packing, run__workers=2, run__batch_size=8)
+    expected = build_bytes(qwen, reference_lines, S, qwen.pad_token_id,
+                           sequence_packing=packing == "sequential")
+    got = read(tmp_path / "out")
+    assert got[1] == expected[1]
+    assert got[0] == expected[0]
+    s = manifest["summary"]
+    assert s["dropped_samples"] == 2 and s["dropped_by_reason"] == {"prompt too long": 2}
+    assert s["truncated_samples"] > 0 and s["rejected_records"] == 0
+    assert manifest["tokenizer"]["pad_id"] == 151669  # <|extra_0|> added after the vocabulary
+
+
+def test_output_is_identical_for_any_worker_count_and_block_size(ray_session, qwen_dir, tmp_path):
+    samples = alpaca_samples(90, seed=2)
+    lines = lines_with_groups(samples)
+    a = write_jsonl(tmp_path / "a.jsonl", lines[:30])
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(x, ensure_ascii=False) + "\n" for x in lines[30:50])
+    with open(tmp_path / "c.json", "w", encoding="utf-8") as f:
+        json.dump(lines[50:], f, ensure_ascii=False, indent=1)
+    outputs = []
+    for workers, block, batch in ((1, 1000, 256), (3, 7, 5)):
+        prefix = tmp_path / f"w{workers}"
+        build([a, str(tmp_path / "b.jsonl.gz"), str(tmp_path / "c.json")], qwen_dir, prefix,
+              packing__mode="bfd", packing__window=16, run__workers=workers,
+              run__block_records=block, run__batch_size=batch)
+        outputs.append(read(prefix))
+    assert outputs[0] == outputs[1]
+    assert IndexedReader(str(tmp_path / "w1_text_document")).index.sequence_lengths.size > 0
+
+
+def _bad_file(tmp_path) -> str:
+    good = alpaca_samples(6, seed=3)
+    path = tmp_path / "bad.jsonl"
+    with open(path, "wb") as f:
+        for line in (good[0], good[1]):
+            f.write(json.dumps(line).encode() + b"\n")
+        f.write(b'{"instruction": "cut short", "output": "x\n')     # line 3: truncated
+        f.write(b"\n")                                              # line 4: blank, ignored
+        f.write(json.dumps(good[2]).encode() + b"\n")               # line 5
+        f.write(b'{"instruction": "caf\xe9", "output": "x"}\n')     # line 6: not UTF-8
+        f.write(b'{"instruction": "no output"}\n')                  # line 7: missing field
+        f.write(b"[]\n")                                            # line 8: empty group
+        f.write(b'{"instruction": 3, "output": "x"}\n')             # line 9: not a string
+        f.write(b"42\n")                                            # line 10: not a sample
+        f.write(json.dumps(good[3]).encode() + b"\n")               # line 11
+    return str(path)
+
+
+def test_on_error_fail_names_the_first_bad_line_and_leaves_no_output(ray_session, qwen_dir,
+                                                                    tmp_path):
+    path = _bad_file(tmp_path)
+    with pytest.raises(BadRecordError, match=r"bad\.jsonl:3: truncated JSON"):
+        build([path], qwen_dir, tmp_path / "out", run__workers=1)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("out")]
+
+
+def test_on_error_skip_writes_the_good_and_reports_the_bad(ray_session, qwen_dir, tmp_path):
+    path = _bad_file(tmp_path)
+    manifest = build([path], qwen_dir, tmp_path / "out", source__on_error="skip", run__workers=1)
+    s = manifest["summary"]
+    assert s["records"] == 10 and s["samples_written"] == 4 and s["rejected_records"] == 6
+    assert s["rejected_by_reason"] == {"empty group": 1, "missing field": 1, "not UTF-8": 1,
+                                       "not a sample": 1, "not a string": 1, "truncated JSON": 1}
+    with open(tmp_path / "out_text_document.rejects.jsonl", encoding="utf-8") as f:
+        rejects = [json.loads(line) for line in f]
+    assert [(r["line"], r["reason"]) for r in rejects] == [
+        (3, "truncated JSON"), (6, "not UTF-8"), (7, "missing field"), (8, "empty group"),
+        (9, "not a string"), (10, "not a sample")]
+    assert all(r["file"] == path and r["text"] for r in rejects)
+
+
+def test_existing_output_is_refused_without_overwrite(ray_session, qwen_dir, tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", alpaca_samples(5))
+    build([path], qwen_dir, tmp_path / "out", run__workers=1)
+    before = read(tmp_path / "out")
+    with pytest.raises(ConfigError, match="--overwrite"):
+        build([path], qwen_dir, tmp_path / "out", run__workers=1)
+    build([path], qwen_dir, tmp_path / "out", run__workers=1, output__overwrite=True,
+          packing__mode="sequential")
+    assert read(tmp_path / "out") != before
