@@ -87,7 +87,13 @@ def tokenized_dataset(config: BuildConfig, files: list[InputFile]) -> ray.data.D
     ds = ray.data.read_datasource(
         RecordSource(files, config.source.storage_options, config.run.block_records),
         num_cpus=READ_CPUS)
-    return ds.map_batches(Tokenize, fn_constructor_args=(tokenize_spec(config),),
+    spec = tokenize_spec(config)
+
+    class TokenizeStage(Tokenize):  # the spec travels inside the class, not as an object-store
+        def __init__(self):         # argument that an actor restart could fail to fetch
+            super().__init__(spec)
+
+    return ds.map_batches(TokenizeStage,
                           batch_size=config.run.batch_size, batch_format="pyarrow",
                           compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=actor_cpus,
                           runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
