@@ -80,17 +80,18 @@ def _table(file_index: int, lines: list[int], texts: list[bytes]) -> pa.Table:
                      pa.array(lines, pa.int64()), pa.array(texts, pa.binary())], schema=SCHEMA)
 
 
-def iter_records(f: BinaryIO, is_array_file: bool) -> Iterator[tuple[int, bytes]]:
+def iter_records(f: BinaryIO, is_array_file: bool,
+                 chunk_size: int = _CHUNK) -> Iterator[tuple[int, bytes]]:
     """``(line, raw bytes)`` of every record in an open binary stream."""
-    head = f.read(_CHUNK)
+    head = f.read(chunk_size)
     first = head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1]
     if is_array_file and first == b"[":
-        yield from _array_elements(head, f)
+        yield from _array_elements(head, f, chunk_size)
     else:
-        yield from _lines(head, f)
+        yield from _lines(head, f, chunk_size)
 
 
-def _lines(head: bytes, f: BinaryIO) -> Iterator[tuple[int, bytes]]:
+def _lines(head: bytes, f: BinaryIO, chunk_size: int) -> Iterator[tuple[int, bytes]]:
     number, pending, chunk = 0, [], head
     while chunk:
         parts = chunk.split(b"\n")
@@ -102,7 +103,7 @@ def _lines(head: bytes, f: BinaryIO) -> Iterator[tuple[int, bytes]]:
                 if part.strip():
                     yield number, part.rstrip(b"\r")
         pending.append(parts[-1])
-        chunk = f.read(_CHUNK)
+        chunk = f.read(chunk_size)
     last = b"".join(pending)
     if last.strip():
         yield number + 1, last.rstrip(b"\r")
@@ -112,7 +113,7 @@ def _lines(head: bytes, f: BinaryIO) -> Iterator[tuple[int, bytes]]:
 _TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|"|[\[\]{},]')
 
 
-def _array_elements(head: bytes, f: BinaryIO) -> Iterator[tuple[int, bytes]]:
+def _array_elements(head: bytes, f: BinaryIO, chunk_size: int) -> Iterator[tuple[int, bytes]]:
     """Split a top-level JSON array into its elements' raw bytes without parsing them.
 
     An array cut short (a truncated file) yields its last partial element as it is, so the
@@ -145,7 +146,7 @@ def _array_elements(head: bytes, f: BinaryIO) -> Iterator[tuple[int, bytes]]:
                 if item:
                     yield item
                 return
-            chunk = f.read(_CHUNK)
+            chunk = f.read(chunk_size)
             eof = not chunk
             # Drop what is consumed; keep the current element and the line count consistent.
             line_at(start)

@@ -1,0 +1,95 @@
+"""Packers: every sample exactly once, no document over S, groups respected, deterministic."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sftprep.packing import MODES, BestFitPacker, GreedyPacker, Piece, make_packer
+
+S = 64
+groups_st = st.lists(st.lists(st.integers(1, S), min_size=1, max_size=5), max_size=60)
+
+
+def pack(mode: str, groups: list[list[int]], window: int = 8) -> list[list[Piece]]:
+    packer = make_packer(mode, S, window)
+    docs, n = [], 0
+    for g in groups:
+        pieces = []
+        for length in g:
+            pieces.append(Piece(length, n))
+            n += 1
+        docs += list(packer.add(pieces))
+    return docs + list(packer.flush())
+
+
+@settings(max_examples=150, deadline=None)
+@given(groups=groups_st, mode=st.sampled_from(MODES), window=st.integers(1, 20))
+def test_every_sample_once_and_no_document_over_s(groups, mode, window):
+    docs = pack(mode, groups, window)
+    ids = sorted(p.payload for d in docs for p in d)
+    assert ids == list(range(sum(len(g) for g in groups)))
+    assert all(d and sum(p.length for p in d) <= S for d in docs)
+    assert [[p.payload for p in d] for d in pack(mode, groups, window)] == \
+        [[p.payload for p in d] for d in docs]
+
+
+@settings(max_examples=100, deadline=None)
+@given(groups=groups_st)
+def test_greedy_modes_keep_input_order(groups):
+    for mode in ("none", "sequential"):
+        flat = [p.payload for d in pack(mode, groups) for p in d]
+        assert flat == sorted(flat)
+
+
+@settings(max_examples=100, deadline=None)
+@given(groups=groups_st)
+def test_none_never_mixes_lines(groups):
+    owner = {}
+    n = 0
+    for line, g in enumerate(groups):
+        for _ in g:
+            owner[n] = line
+            n += 1
+    for d in pack("none", groups):
+        assert len({owner[p.payload] for p in d}) == 1
+
+
+@settings(max_examples=100, deadline=None)
+@given(groups=groups_st, window=st.integers(1, 20))
+def test_bfd_keeps_a_fitting_group_in_one_document(groups, window):
+    docs = pack("bfd", groups, window)
+    where = {p.payload: i for i, d in enumerate(docs) for p in d}
+    n = 0
+    for g in groups:
+        members = range(n, n + len(g))
+        n += len(g)
+        if sum(g) <= S:
+            assert len({where[m] for m in members}) == 1
+
+
+def test_docstring_example():
+    groups = [[6], [5], [3, 4], [2]]
+    lengths = {m: [[p.length for p in d] for d in
+                   (lambda p: [x for g in groups for x in p.add([Piece(v) for v in g])]
+                    + list(p.flush()))(make_packer(m, 10, 100))] for m in MODES}
+    assert lengths == {"none": [[6], [5], [3, 4], [2]], "sequential": [[6], [5, 3], [4, 2]],
+                       "bfd": [[3, 4, 2], [6], [5]]}
+
+
+def test_bfd_beats_greedy_on_a_skewed_stream():
+    lengths = [[40], [30], [20], [30], [40], [10], [24], [34]] * 25
+    used = sum(x for g in lengths for x in g)
+    greedy = len(pack("sequential", lengths))
+    bfd = len(pack("bfd", lengths, window=64))
+    assert bfd < greedy and used / (bfd * S) > 0.95
+
+
+def test_oversized_sample_is_an_error():
+    for packer in (GreedyPacker(S, True), BestFitPacker(S, 4)):
+        try:
+            list(packer.add([Piece(S + 1)]))
+        except ValueError as e:
+            assert "cannot be packed" in str(e)
+        else:
+            raise AssertionError("no error")

@@ -1,0 +1,73 @@
+"""Loss spans from rendered prefixes, including templates whose earlier turns render differently."""
+
+from __future__ import annotations
+
+import pytest
+
+from sftprep.records import Conversation
+from sftprep.template import REFERENCE_CHATML, ChatRenderer, TemplateError, load_tokenizer
+
+U1, A1, U2 = "First question?", "<think>\nreasoning one\n</think>\n\nFirst answer.", "Second?"
+A2 = "<think>\nreasoning two\n</think>\n\nSecond answer."
+
+
+def conv(*pairs, tools=None) -> Conversation:
+    return Conversation([{"role": r, "content": c} for r, c in pairs], tools)
+
+
+def spans(renderer, c) -> list[str]:
+    out = renderer(c)
+    return [out.text[a:b] for a, b in out.trained]
+
+
+def test_single_turn_span_is_everything_after_the_prompt(qwen):
+    r = ChatRenderer(qwen)
+    c = conv(("user", "Hi"), ("assistant", "Hello"))
+    out = r(c)
+    prompt = qwen.apply_chat_template(c.messages[:1], tokenize=False)
+    assert out.trained == [(len(prompt), len(out.text))]
+
+
+def test_qwen3_template_strips_earlier_reasoning_without_mislabeling(qwen):
+    c = conv(("system", "Be kind."), ("user", U1), ("assistant", A1), ("user", U2),
+             ("assistant", A2))
+    got = spans(ChatRenderer(qwen), c)
+    # The earlier turn is rendered without its <think> block in the full text, so its span is
+    # exactly that rendering; the last turn keeps its reasoning.
+    assert got == ["<|im_start|>assistant\nFirst answer.<|im_end|>\n",
+                   "<|im_start|>assistant\n<think>\nreasoning two\n</think>\n\n"
+                   "Second answer.<|im_end|>\n"]
+
+
+def test_prefix_stable_template_and_options(qwen_dir, tmp_path):
+    path = tmp_path / "chatml.jinja"
+    path.write_text(REFERENCE_CHATML)
+    tok = load_tokenizer(qwen_dir, chat_template=str(path))
+    c = Conversation([{"role": "user", "content": "q1"},
+                      {"role": "assistant", "content": "", "tool_calls": [{"x": 1}]},
+                      {"role": "tool", "content": "r"},
+                      {"role": "assistant", "content": "a2"},
+                      {"role": "user", "content": "q2"}, {"role": "user", "content": "q3"},
+                      {"role": "assistant", "content": "a3"}])
+    turn = "<|im_start|>assistant\n{}<|im_end|>\n".format
+    assert spans(ChatRenderer(tok), c) == [turn(""), turn("a2"), turn("a3")]
+    assert spans(ChatRenderer(tok, train_on="last"), c) == [turn("a3")]
+    assert spans(ChatRenderer(tok, train_tool_calls=False), c) == [turn("a2"), turn("a3")]
+    assert ChatRenderer(tok)(c).text.startswith("<|im_start|>system\nYou are a helpful")
+
+
+def test_template_that_never_agrees_again_is_an_error(qwen_dir, tmp_path):
+    path = tmp_path / "weird.jinja"
+    path.write_text("{% for m in messages %}{% if loop.last %}{{ m.content | upper }}"
+                    "{% else %}{{ m.content }}{% endif %}|{% endfor %}")
+    tok = load_tokenizer(qwen_dir, chat_template=str(path))
+    c = conv(("user", "abc"), ("assistant", "def"), ("user", "ghi"), ("assistant", "jkl"))
+    with pytest.raises(TemplateError, match="differently in context"):
+        ChatRenderer(tok)(c)
+
+
+def test_pad_token_rules(qwen_dir):
+    tok = load_tokenizer(qwen_dir)
+    assert tok.pad_token == "<|endoftext|>" and len(tok) == 151669
+    tok = load_tokenizer(qwen_dir, "<|extra_0|>")
+    assert tok.pad_token_id == 151669 and len(tok) == 151670

@@ -1,0 +1,79 @@
+"""The tokenizer stage on plain batches (no Ray): the contract's labels, cuts, drops, rejects."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from contract import encode_group
+from fixtures import alpaca_samples
+from sftprep.tokenize import Tokenize, TokenizeSpec
+
+S = 128
+
+
+@pytest.fixture(scope="module")
+def stage(qwen_dir):
+    return Tokenize(TokenizeSpec(qwen_dir, S, pad_token="<|extra_0|>"))
+
+
+def batch(values: list) -> pa.Table:
+    raw = [v if isinstance(v, bytes) else json.dumps(v, ensure_ascii=False).encode()
+           for v in values]
+    return pa.table({"file": pa.array([0] * len(raw), pa.int32()),
+                     "line": pa.array(range(1, len(raw) + 1), pa.int64()),
+                     "text": pa.array(raw, pa.binary())})
+
+
+def test_alpaca_rows_match_the_contract(stage, qwen):
+    samples = alpaca_samples(20, seed=5)
+    rows = stage(batch(samples)).to_pylist()
+    for sample, row in zip(samples, rows):
+        [doc] = encode_group(qwen, [sample], S, qwen.pad_token_id)
+        n = len(row["input_ids"])
+        assert row["status"] == "ok"
+        assert row["input_ids"] == doc[:n] and row["labels"] == doc[S:S + n]
+        assert row["tokens"] >= n and (row["tokens"] > S) == (row["tokens"] > n)
+
+
+def test_exact_fit_is_not_a_cut_and_long_prompt_is_dropped(stage, qwen):
+    base = {"instruction": "Say", "input": "", "output": ""}
+    full = len(stage.encoder.encode(stage.render(
+        __import__("sftprep.records", fromlist=["x"]).parse_sample(base)).text).ids)
+    fit = dict(base, output=" a" * (S - full))
+    [row] = stage(batch([fit])).to_pylist()
+    assert row["tokens"] == S == len(row["input_ids"])
+    drop = {"instruction": "word " * 300, "input": "", "output": "x"}
+    [row] = stage(batch([drop])).to_pylist()
+    assert row["status"] == "dropped" and row["reason"] == "prompt too long"
+    assert row["prompt_tokens"] >= S and row["input_ids"] == []
+
+
+def test_rows_come_out_in_input_order_with_rejects_in_place(stage):
+    good = alpaca_samples(3)
+    rows = stage(batch([good[0], b"{broken", [good[1], good[2]], {"x": 1}])).to_pylist()
+    assert [(r["line"], r["sample"], r["status"]) for r in rows] == [
+        (1, 0, "ok"), (2, -1, "rejected"), (3, 0, "ok"), (3, 1, "ok"), (4, -1, "rejected")]
+    assert rows[1]["text"] == "{broken" and rows[4]["reason"] == "unknown format"
+
+
+def test_multi_turn_labels_cover_exactly_the_assistant_turns(stage, qwen):
+    chat = {"messages": [{"role": "user", "content": "Name a colour."},
+                         {"role": "assistant", "content": "Blue."},
+                         {"role": "user", "content": "另一个？"},
+                         {"role": "assistant", "content": "红色。"}]}
+    [row] = stage(batch([chat])).to_pylist()
+    ids = np.array(row["input_ids"])
+    ids[-1] = -1 - ids[-1]
+    labels = np.array(row["labels"])
+    trained = np.zeros(len(ids), bool)
+    trained[1:] = labels[:-1] != -100
+    assert np.array_equal(labels[:-1][trained[1:]], ids[1:][trained[1:]])
+    runs = np.split(np.arange(len(ids)), np.flatnonzero(np.diff(trained.astype(int))) + 1)
+    texts = [qwen.decode(ids[r].tolist()) for r in runs if trained[r[0]]]
+    assert texts == ["<|im_start|>assistant\nBlue.<|im_end|>\n",
+                     "<|im_start|>assistant\n<think>\n\n</think>\n\n红色。<|im_end|>\n"]
+    assert row["input_ids"][-1] < 0 and sum(v < 0 for v in row["input_ids"]) == 1
