@@ -1,0 +1,110 @@
+"""The ordered writer without Ray: groups across blocks, order, packing fuzz, atomic publish."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sftprep.idxmap import IndexedReader, check_sft_layout
+from sftprep.packing import MODES
+from sftprep.tokenize import SCHEMA
+from sftprep.writer import BadRecordError, SFTWriter
+
+S, PAD = 32, 1000
+
+
+def sample(length: int, seed: int) -> tuple[list[int], list[int]]:
+    """Input ids and labels as the tokenizer stage makes them (second half trained)."""
+    ids = np.random.default_rng(seed).integers(1, 900, length)
+    labels = np.full(length, -100)
+    labels[length // 2:-1] = ids[length // 2 + 1:]
+    ids[-1] = -1 - ids[-1]
+    return ids.tolist(), labels.tolist()
+
+
+def table(rows: list[dict]) -> pa.Table:
+    full = []
+    for r in rows:
+        row = {"sample": 0, "status": "ok", "reason": None, "detail": None, "text": None,
+               "prompt_tokens": 0, "input_ids": [], "labels": [], **r}
+        row.setdefault("tokens", len(row["input_ids"]))
+        full.append(row)
+    return pa.Table.from_pylist(full, schema=SCHEMA)
+
+
+def writer(tmp_path, **kw) -> SFTWriter:
+    return SFTWriter(str(tmp_path / "o_text_document"), ["data.jsonl"], S, PAD, **kw)
+
+
+@settings(max_examples=60, deadline=None)
+@given(groups=st.lists(st.lists(st.integers(2, S), min_size=1, max_size=4), min_size=1,
+                       max_size=25),
+       mode=st.sampled_from(MODES), cuts=st.lists(st.integers(1, 10), max_size=8))
+def test_every_sample_lands_once_and_the_file_verifies(tmp_path_factory, groups, mode, cuts):
+    tmp = tmp_path_factory.mktemp("w")
+    rows, samples = [], []
+    for line, g in enumerate(groups, start=1):
+        for k, length in enumerate(g):
+            ids, labels = sample(length, len(samples))
+            samples.append(ids)
+            rows.append({"file": 0, "line": line, "sample": k, "input_ids": ids, "labels": labels})
+    w = writer(tmp, packing=mode, pack_window=5)
+    start = 0
+    for cut in cuts + [len(rows)]:  # arbitrary block boundaries, even inside a group
+        w.consume(table(rows[start:start + cut]))
+        start += cut
+        if start >= len(rows):
+            break
+    manifest = w.finish({})
+    reader = IndexedReader(str(tmp / "o_text_document"))
+    check_sft_layout(reader, S, PAD)
+    found = []
+    for k in range(len(reader)):
+        inputs = reader.document(k)[:S]
+        ends = np.flatnonzero(inputs < 0)
+        found += [inputs[a:b + 1].tolist() for a, b in zip(np.r_[0, ends[:-1] + 1], ends)]
+    assert sorted(found) == sorted(samples)
+    assert manifest["summary"]["samples_written"] == len(samples)
+
+
+def test_a_group_split_across_blocks_stays_one_group(tmp_path):
+    w = writer(tmp_path, packing="none")
+    a, b = sample(5, 1), sample(6, 2)
+    w.consume(table([{"file": 0, "line": 1, "sample": 0, "input_ids": a[0], "labels": a[1]}]))
+    w.consume(table([{"file": 0, "line": 1, "sample": 1, "input_ids": b[0], "labels": b[1]}]))
+    assert w.finish({})["summary"]["documents"] == 1
+
+
+def test_out_of_order_blocks_are_refused(tmp_path):
+    w = writer(tmp_path)
+    a = sample(5, 1)
+    w.consume(table([{"file": 0, "line": 2, "input_ids": a[0], "labels": a[1]}]))
+    with pytest.raises(RuntimeError, match="out of order"):
+        w.consume(table([{"file": 0, "line": 1, "input_ids": a[0], "labels": a[1]}]))
+    w.abort()
+    assert os.listdir(tmp_path) == []
+
+
+def test_fail_policy_names_file_and_line(tmp_path):
+    w = writer(tmp_path)
+    with pytest.raises(BadRecordError, match=r"data\.jsonl:7: invalid JSON: boom"):
+        w.consume(table([{"file": 0, "line": 7, "sample": -1, "status": "rejected",
+                          "reason": "invalid JSON", "detail": "boom", "text": "{"}]))
+
+
+def test_publish_replaces_the_index_first_and_leaves_no_temporaries(tmp_path):
+    prefix = tmp_path / "o_text_document"
+    for suffix in (".bin", ".idx", ".manifest.json"):
+        (tmp_path / f"o_text_document{suffix}").write_text("stale")
+    w = writer(tmp_path)
+    a = sample(5, 1)
+    w.consume(table([{"file": 0, "line": 1, "input_ids": a[0], "labels": a[1]}]))
+    w.finish({})
+    assert sorted(os.listdir(tmp_path)) == ["o_text_document.bin", "o_text_document.idx",
+                                            "o_text_document.manifest.json"]
+    assert len(IndexedReader(str(prefix))) == 1
