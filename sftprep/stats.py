@@ -1,0 +1,452 @@
+"""Length statistics of SFT data, and what a build at sequence length ``S`` would make of it.
+
+The same Ray Data job as the build up to the tokenizer stage, with lengths instead of arrays:
+``read → map_batches(stage) → driver``. Without a tokenizer the stage only parses records and
+counts characters; with one it is the build's ``Tokenize`` stage itself (``TokenLengths``), which
+drops the token arrays inside the actor, so only a few small columns reach the driver. The driver
+reads them in input order and keeps per-sample lengths as int32 arrays, never the texts.
+
+Character length is what the reference's ``sample_stats.py`` measures, ``len(instruction + input
++ output)``; for any record it is the characters of all its message contents (for plain Alpaca
+records the same number; system prompts and history turns are counted too).
+
+Token lengths project the build: a sample is dropped or cut exactly as ``Tokenize`` decides, and
+the kept lengths (cut to ``S``), grouped by input line, go through the build's own packers
+(``sftprep.packing``), so projected documents and efficiency equal what the build reaches.
+Example, ``S = 10``, lines ``[6] [5] [3, 4] [2]``: none makes 4 documents (20/40 = 50%),
+sequential 3 (67%), bfd 3 (67%).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from sftprep import pipeline
+from sftprep.config import (ConfigError, PackingConfig, RunConfig, SourceConfig, TemplateConfig,
+                            opt, validate)
+from sftprep.packing import MODES, Piece, make_packer
+from sftprep.records import Conversation, RecordError, parse_group
+from sftprep.sources import expand_inputs
+from sftprep.tokenize import DROPPED, OK, REJECTED, Tokenize
+from sftprep.writer import BadRecordError
+
+LADDER = [512, 1024, 2048, 4096, 8192]
+WHOLE_TARGET = 0.99      # recommended S keeps at least this fraction of samples whole
+PERCENTILES = (50, 90, 95, 99, 99.9)
+BAD_EXAMPLES = 20        # bad records listed in stats.json and on screen (all in the .jsonl)
+STATS_JSON, HISTOGRAM, BAD_RECORDS = "stats.json", "token_lengths.png", "bad_records.jsonl"
+
+# What the stage sends to the driver: one row per sample, or per rejected line (sample -1).
+SCHEMA = pa.schema([
+    ("file", pa.int32()), ("line", pa.int64()), ("sample", pa.int32()),
+    ("status", pa.string()), ("reason", pa.string()), ("detail", pa.string()),
+    ("chars", pa.int32()),           # characters of all message contents
+    ("tokens", pa.int32()),          # full token length (null without a tokenizer)
+    ("prompt_tokens", pa.int32()),   # tokens before the first trained one
+])
+
+
+# -- configuration -------------------------------------------------------------------------------
+
+@dataclass
+class StatsSourceConfig(SourceConfig):
+    on_error: str = opt("skip", "bad records: skip (count them and list them in "
+                        f"DIR/{BAD_RECORDS}) or fail (stop at the first, naming file and line)",
+                        "--on-error")
+
+
+@dataclass
+class StatsTemplateConfig(TemplateConfig):
+    tokenizer: str | None = opt(None, "Hugging Face tokenizer directory (loaded offline); "
+                                "optional: without it only character lengths are reported",
+                                "--tokenizer")
+
+
+@dataclass
+class StatsPackingConfig(PackingConfig):
+    mode: str = opt("none", "the packing mode you plan to build with; every mode is projected, "
+                    "this one is marked in the summary", "--packing")
+
+
+@dataclass
+class StatsOutputConfig:
+    dir: str | None = opt(None, f"directory for {STATS_JSON} and {HISTOGRAM} (created; files "
+                          "in it are replaced); default: print only", "--output-dir")
+    ladder: list = opt(LADDER, "candidate sequence lengths projected besides --seq-length "
+                       "(YAML only)")
+
+
+@dataclass
+class StatsConfig:
+    source: StatsSourceConfig = field(default_factory=StatsSourceConfig)
+    template: StatsTemplateConfig = field(default_factory=StatsTemplateConfig)
+    packing: StatsPackingConfig = field(default_factory=StatsPackingConfig)
+    output: StatsOutputConfig = field(default_factory=StatsOutputConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def validate_stats(config: StatsConfig) -> None:
+    validate(config, need_tokenizer=False, need_output=False)
+    ladder = config.output.ladder
+    if not isinstance(ladder, list) or not all(isinstance(x, int) and x >= 2 for x in ladder):
+        raise ConfigError(f"output.ladder {ladder!r}: must be a list of integers >= 2")
+
+
+# -- the stage -----------------------------------------------------------------------------------
+
+def conversation_chars(conversation: Conversation) -> int:
+    return sum(len(m["content"]) for m in conversation.messages)
+
+
+def record_chars(raw: bytes, format: str, columns: dict) -> list[int] | RecordError:
+    """Characters of each sample of one raw record, or why the record is bad."""
+    try:
+        return [conversation_chars(c) for c in parse_group(raw, format, columns)]
+    except RecordError as e:
+        return e
+
+
+def char_lengths(batch: pa.Table, format: str = "auto", columns: dict | None = None) -> pa.Table:
+    """The stage without a tokenizer: raw records in, one row per sample out (``SCHEMA``)."""
+    rows = []
+    for f, line, raw in zip(batch["file"].to_pylist(), batch["line"].to_pylist(),
+                            batch["text"].to_pylist()):
+        counts = record_chars(raw, format, columns or {})
+        if isinstance(counts, RecordError):
+            rows.append((f, line, -1, REJECTED, counts.reason, counts.detail, None))
+        else:
+            rows += [(f, line, k, OK, None, None, n) for k, n in enumerate(counts)]
+    return _table(rows, tokens=None)
+
+
+class TokenLengths(Tokenize):
+    """The build's tokenizer stage, sending on lengths only (plus each sample's characters)."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        out = super().__call__(batch)
+        chars = {}
+        for f, line, raw in zip(batch["file"].to_pylist(), batch["line"].to_pylist(),
+                                batch["text"].to_pylist()):
+            counts = record_chars(raw, self.spec.format, self.columns)
+            if not isinstance(counts, RecordError):
+                chars.update(((f, line, k), n) for k, n in enumerate(counts))
+        keys = zip(*(out[n].to_pylist() for n in ("file", "line", "sample", "status", "reason",
+                                                  "detail")))
+        rows = [(*key, chars.get(key[:3])) for key in keys]
+        return _table(rows, tokens=(out["tokens"], out["prompt_tokens"]))
+
+
+def _table(rows: list[tuple], tokens: tuple[pa.ChunkedArray, pa.ChunkedArray] | None) -> pa.Table:
+    cols = list(zip(*rows)) if rows else [[]] * 7
+    arrays = [pa.array(c, SCHEMA.field(i).type) for i, c in enumerate(cols)]
+    if tokens is None:
+        arrays += [pa.nulls(len(rows), pa.int32())] * 2
+    else:
+        arrays += [t.combine_chunks() if isinstance(t, pa.ChunkedArray) else t for t in tokens]
+    return pa.Table.from_arrays(arrays, schema=SCHEMA)
+
+
+def lengths_dataset(config: StatsConfig, files) -> ray.data.Dataset:
+    if config.template.tokenizer:
+        return pipeline.tokenized_dataset(config, files, stage=TokenLengths)
+    return pipeline.record_dataset(config, files).map_batches(
+        char_lengths, batch_size=config.run.batch_size, batch_format="pyarrow",
+        fn_kwargs={"format": config.source.format, "columns": config.source.columns})
+
+
+# -- the driver: lengths in input order ----------------------------------------------------------
+
+@dataclass
+class SampleLengths:
+    """Per-sample lengths in input order, as compact arrays (rejected lines are not samples)."""
+
+    group: np.ndarray    # int32, index of the sample's input line (its packing group)
+    chars: np.ndarray    # int32
+    tokens: np.ndarray   # int32, full length before any cut; -1 without a tokenizer
+    prompt: np.ndarray   # int32, tokens before the first trained one
+    ok: np.ndarray       # bool, kept by the stage at the configured S (not dropped)
+
+    def kept_at(self, S: int, seq_length: int) -> np.ndarray:
+        """Samples a build at ``S`` would keep: the stage's own verdict at the configured length,
+        else its rule (a trained token must fall inside the first ``S``)."""
+        if S == seq_length:
+            return self.ok
+        return (self.prompt < S) & (self.prompt < self.tokens)
+
+
+class Collector:
+    """Takes the stage's blocks in input order; keeps int32 lengths and the bad-record list."""
+
+    def __init__(self, files: list[str], on_error: str, bad_path: str | None):
+        self.files = files
+        self.on_error = on_error
+        self.bad_path = bad_path
+        self._bad_file = None
+        self.parts: dict[str, list[np.ndarray]] = {f.name: [] for f in fields(SampleLengths)}
+        self.records = 0
+        self._last = (-1, -1)
+        self.bad_count = 0
+        self.bad_reasons: Counter = Counter()
+        self.bad_examples: list[dict] = []
+        self.dropped_reasons: Counter = Counter()
+
+    def add(self, t: pa.Table) -> None:
+        if t.num_rows == 0:
+            return
+        file, line = t["file"].to_numpy(), t["line"].to_numpy()
+        new = np.ones(len(file), dtype=bool)
+        new[1:] = (file[1:] != file[:-1]) | (line[1:] != line[:-1])
+        new[0] = (int(file[0]), int(line[0])) != self._last
+        group = self.records + np.cumsum(new) - 1
+        self.records = int(group[-1]) + 1
+        self._last = (int(file[-1]), int(line[-1]))
+        sample = t["sample"].to_numpy() >= 0
+        status = t["status"]
+        for name, col in (("chars", "chars"), ("tokens", "tokens"), ("prompt", "prompt_tokens")):
+            values = pc.fill_null(t[col], -1).to_numpy().astype(np.int32)
+            self.parts[name].append(values[sample])
+        self.parts["group"].append(group[sample].astype(np.int32))
+        self.parts["ok"].append(pc.equal(status, OK).to_numpy(zero_copy_only=False)[sample])
+        dropped = t.filter(pc.equal(status, DROPPED))
+        self.dropped_reasons.update(dropped["reason"].to_pylist())
+        rejected = t.filter(pc.equal(status, REJECTED))
+        if rejected.num_rows:
+            self._bad(rejected)
+
+    def _bad(self, rejected: pa.Table) -> None:
+        for f, line, reason, detail in zip(*(rejected[n].to_pylist()
+                                             for n in ("file", "line", "reason", "detail"))):
+            entry = {"file": self.files[f], "line": line, "reason": reason, "detail": detail}
+            if self.on_error == "fail":
+                raise BadRecordError(f"{entry['file']}:{line}: {reason}: {detail}\n(fix the "
+                                     "record, or run with --on-error skip to count and list "
+                                     "bad records)")
+            self.bad_count += 1
+            self.bad_reasons[reason] += 1
+            if len(self.bad_examples) < BAD_EXAMPLES:
+                self.bad_examples.append(entry)
+            if self.bad_path:
+                if self._bad_file is None:
+                    self._bad_file = open(self.bad_path, "w", encoding="utf-8")
+                self._bad_file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    def finish(self) -> SampleLengths:
+        if self._bad_file:
+            self._bad_file.close()
+        return SampleLengths(**{name: np.concatenate(p) if p else
+                                np.zeros(0, dtype=bool if name == "ok" else np.int32)
+                                for name, p in self.parts.items()})
+
+
+# -- projections ---------------------------------------------------------------------------------
+
+def project(lengths: SampleLengths, S: int, mode: str, window: int, seq_length: int) -> dict:
+    """Documents and efficiency of a build at ``S``: the build's packer over the kept lengths
+    (cut to ``S``), one group per input line, in input order."""
+    kept = lengths.kept_at(S, seq_length)
+    pieces = np.minimum(lengths.tokens[kept], S)
+    groups = lengths.group[kept]
+    bounds = np.concatenate([[0], np.flatnonzero(np.diff(groups)) + 1, [len(groups)]])
+    packer = make_packer(mode, S, window)
+    docs = 0
+    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        if b > a:
+            docs += sum(1 for _ in packer.add([Piece(n) for n in pieces[a:b].tolist()]))
+    docs += sum(1 for _ in packer.flush())
+    tokens = int(pieces.sum(dtype=np.int64))
+    return {"docs": docs, "tokens": tokens,
+            "efficiency": round(tokens / (docs * S), 6) if docs else 0.0}
+
+
+_project_task = ray.remote(num_cpus=1)(project)
+
+
+def at_length(lengths: SampleLengths, S: int, seq_length: int) -> dict:
+    """What a build at ``S`` does to the samples: dropped, truncated (really cut), whole."""
+    kept = lengths.kept_at(S, seq_length)
+    cut = kept & (lengths.tokens > S)
+    n = len(kept)
+    whole = int(np.count_nonzero(kept & ~cut))
+    return {"seq_length": S, "samples": n, "kept": int(np.count_nonzero(kept)),
+            "dropped": int(n - np.count_nonzero(kept)), "truncated": int(np.count_nonzero(cut)),
+            "tokens_cut": int((lengths.tokens[cut] - S).sum(dtype=np.int64)),
+            "whole": whole, "whole_fraction": round(whole / n, 6) if n else 0.0}
+
+
+def describe(chars: np.ndarray) -> dict:
+    """pandas ``describe()`` of the character lengths, as the reference prints it."""
+    import pandas as pd
+    if len(chars) == 0:
+        return {"count": 0.0}
+    return {k: float(v) for k, v in pd.Series(chars.astype(np.int64)).describe().items()}
+
+
+def percentiles(values: np.ndarray) -> dict:
+    if len(values) == 0:
+        return {}
+    out = {"min": int(values.min()), "mean": round(float(values.mean()), 3)}
+    out.update({f"p{p:g}": float(np.percentile(values, p)) for p in PERCENTILES})
+    out["max"] = int(values.max())
+    return out
+
+
+def token_stats(lengths: SampleLengths, config: StatsConfig, dropped_reasons: Counter) -> dict:
+    S, window = config.template.seq_length, config.packing.window
+    ladder = sorted(set(config.output.ladder) | {S})
+    ref = ray.put(lengths)
+    jobs = {(L, m): _project_task.remote(ref, L, m, window, S) for L in ladder for m in MODES}
+    packed = {key: ray.get(job) for key, job in jobs.items()}
+    rows = [{**at_length(lengths, L, S), "packing": {m: packed[L, m] for m in MODES}}
+            for L in ladder]
+    good = [r["seq_length"] for r in rows if r["samples"] and r["whole_fraction"] >= WHOLE_TARGET]
+    prompt, total = lengths.prompt, lengths.tokens
+    return {
+        "tokenizer": config.template.tokenizer,
+        "seq_length": S,
+        "tokens": {"prompt": percentiles(prompt), "response": percentiles(total - prompt),
+                   "total": percentiles(total)},
+        "at_seq_length": {**next(r for r in rows if r["seq_length"] == S),
+                          "dropped_by_reason": dict(sorted(dropped_reasons.items()))},
+        "packing": {m: packed[S, m] for m in MODES},
+        "packing_mode": config.packing.mode,
+        "packing_window": window,
+        "ladder": rows,
+        "recommended_seq_length": min(good) if good else None,
+        "recommended_rule": f"smallest ladder value keeping >= {WHOLE_TARGET:.0%} of samples "
+                            "whole (not dropped, not truncated)",
+    }
+
+
+# -- the job -------------------------------------------------------------------------------------
+
+def run(config: StatsConfig) -> dict:
+    """Run the statistics job; write ``stats.json`` and the histogram if ``output.dir`` is set."""
+    validate_stats(config)
+    files = expand_inputs(config.source.inputs, config.source.storage_options)
+    out_dir = config.output.dir
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        for name in (STATS_JSON, HISTOGRAM, BAD_RECORDS):
+            if os.path.exists(os.path.join(out_dir, name)):
+                os.remove(os.path.join(out_dir, name))
+    pipeline.ensure_ray()
+    collector = Collector([f.url for f in files], config.source.on_error,
+                          os.path.join(out_dir, BAD_RECORDS) if out_dir else None)
+    columns = SCHEMA.names
+    for batch in lengths_dataset(config, files).iter_batches(batch_size=None,
+                                                             batch_format="pyarrow"):
+        collector.add(batch.select(columns))
+    lengths = collector.finish()
+    stats = {
+        "inputs": [f.url for f in files],
+        "records": collector.records,
+        "samples": len(lengths.group),
+        "bad_records": {"count": collector.bad_count,
+                        "by_reason": dict(sorted(collector.bad_reasons.items())),
+                        "examples": collector.bad_examples},
+        "chars": describe(lengths.chars),
+    }
+    if config.template.tokenizer:
+        stats.update(token_stats(lengths, config, collector.dropped_reasons))
+    if out_dir:
+        with open(os.path.join(out_dir, STATS_JSON), "w", encoding="utf-8") as f:
+            json.dump(stats, f, indent=2, ensure_ascii=False)
+        if config.template.tokenizer:
+            histogram(lengths.tokens, stats, os.path.join(out_dir, HISTOGRAM))
+        stats["files"] = sorted(os.path.join(out_dir, n) for n in os.listdir(out_dir)
+                                if n in (STATS_JSON, HISTOGRAM, BAD_RECORDS))
+    return stats
+
+
+def histogram(tokens: np.ndarray, stats: dict, path: str) -> None:
+    """Histogram of total token lengths with ``S`` (and the recommended S) marked."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    S, best = stats["seq_length"], stats["recommended_seq_length"]
+    fig = Figure(figsize=(9, 4.8))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    ax.hist(tokens, bins=min(100, max(10, len(tokens) // 20)), color="#4c72b0")
+    ax.axvline(S, color="#c44e52", linestyle="--", linewidth=1.5, label=f"S = {S:,}")
+    if best and best != S:
+        ax.axvline(best, color="#55a868", linestyle=":", linewidth=1.5,
+                   label=f"recommended S = {best:,}")
+    at = stats["at_seq_length"]
+    ax.set_title(f"{at['samples']:,} samples: {at['truncated']:,} truncated, "
+                 f"{at['dropped']:,} dropped at S = {S:,}")
+    ax.set_xlabel("tokens per sample (chat template applied, before any cut)")
+    ax.set_ylabel("samples")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+# -- what people read ----------------------------------------------------------------------------
+
+def describe_text(chars: dict) -> str:
+    """The describe() block exactly as pandas (and the reference's sample_stats.py) prints it."""
+    import pandas as pd
+    return str(pd.Series(chars, dtype="float64"))
+
+
+def summary_text(stats: dict) -> str:
+    bad = stats["bad_records"]
+    lines = [describe_text(stats["chars"]), "",
+             f"records {stats['records']:,}, samples {stats['samples']:,}, "
+             f"bad records {bad['count']:,}" + _reasons(bad["by_reason"])]
+    for e in bad["examples"][:10]:
+        lines.append(f"  {e['file']}:{e['line']}: {e['reason']}: {e['detail']}")
+    if "tokens" in stats:
+        lines += ["", _token_table(stats["tokens"]), "", _ladder_table(stats)]
+        at = stats["at_seq_length"]
+        lines += ["", f"at S = {stats['seq_length']:,}: {at['dropped']:,} dropped"
+                  + _reasons(at.get("dropped_by_reason", {}))
+                  + f", {at['truncated']:,} truncated ({at['tokens_cut']:,} tokens cut), "
+                  f"{at['whole_fraction']:.2%} whole"]
+        best = stats["recommended_seq_length"]
+        lines.append(f"recommended S: {best:,}" if best else
+                     f"recommended S: none of the ladder keeps {WHOLE_TARGET:.0%} whole "
+                     f"(longest sample {stats['tokens']['total'].get('max', 0):,} tokens)")
+    for path in stats.get("files", []):
+        lines.append(f"wrote {path}")
+    return "\n".join(lines)
+
+
+def _token_table(tokens: dict) -> str:
+    keys = list(tokens["total"])
+    out = ["tokens    " + "".join(f"{k:>10}" for k in keys)]
+    for part in ("prompt", "response", "total"):
+        out.append(f"{part:<10}" + "".join(f"{tokens[part][k]:>10,.0f}" for k in keys))
+    return "\n".join(out)
+
+
+def _ladder_table(stats: dict) -> str:
+    head = f"{'S':>8} {'whole':>8} {'dropped':>8} {'truncated':>9}"
+    for m in MODES:
+        name = m + ("*" if m == stats["packing_mode"] else "")
+        head += f" {name + ' docs':>16} {'eff':>7}"
+    out = [head]
+    for r in stats["ladder"]:
+        mark = " <" if r["seq_length"] == stats["seq_length"] else ""
+        row = (f"{r['seq_length']:>8,} {r['whole_fraction']:>8.2%} {r['dropped']:>8,} "
+               f"{r['truncated']:>9,}")
+        for m in MODES:
+            p = r["packing"][m]
+            row += f" {p['docs']:>16,} {p['efficiency']:>7.2%}"
+        out.append(row + mark)
+    out.append(f"(< your --seq-length; * your --packing; eff = non-pad tokens / (docs * S); "
+               f"bfd window {stats['packing_window']:,})")
+    return "\n".join(out)
+
+
+def _reasons(by: dict) -> str:
+    return (" (" + ", ".join(f"{k}: {v:,}" for k, v in by.items()) + ")") if by else ""
