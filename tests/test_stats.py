@@ -1,0 +1,157 @@
+"""The stats job: the reference's describe() numbers, and projections equal to what builds reach."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from fixtures import alpaca_samples, lines_with_groups, write_jsonl
+from sftprep import pipeline, stats
+from sftprep.config import BuildConfig, load
+from sftprep.tokenize import OK, REJECTED, TokenizeSpec
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+CHAT = {"messages": [{"role": "system", "content": "Be brief."},
+                     {"role": "user", "content": [{"type": "text", "text": "Hi "},
+                                                  {"type": "text", "text": "there"}]},
+                     {"role": "assistant", "content": "Hello!"}]}
+SHAREGPT = {"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]}
+BAD = [b'{"instruction": "cut short", "output": "x\n', b'{"instruction": "no output"}\n',
+       b"[]\n", b"42\n"]
+
+
+def run_stats(inputs, tmp_path, **options):
+    overrides = {"source.inputs": [str(p) for p in inputs], "output.dir": str(tmp_path / "stats"),
+                 "run.progress": False, "run.workers": 2}
+    overrides.update({k.replace("__", "."): v for k, v in options.items()})
+    return stats.run(load(stats.StatsConfig, None, overrides))
+
+
+def alpaca_chars(sample: dict) -> int:
+    return len(sample["instruction"] + sample["input"] + sample["output"])
+
+
+def write_mixed(tmp_path) -> tuple[str, list[int]]:
+    """Alpaca lines (some pre-packed lists), two chats and bad lines; the expected characters."""
+    lines = lines_with_groups(alpaca_samples(40, seed=5))
+    path = tmp_path / "mixed.jsonl"
+    expected = []
+    with open(path, "wb") as f:
+        for i, line in enumerate(lines):
+            f.write(json.dumps(line, ensure_ascii=False).encode() + b"\n")
+            expected += [alpaca_chars(s) for s in (line if isinstance(line, list) else [line])]
+            if i == 3:
+                f.write(json.dumps(CHAT).encode() + b"\n" + json.dumps(SHAREGPT).encode() + b"\n")
+                expected += [len("Be brief.Hi thereHello!"), len("2+2?4")]
+            if i in (5, 6, 7, 8):
+                f.write(BAD[i - 5])
+    return str(path), expected
+
+
+def test_char_stage_counts_every_sample_and_rejects_bad_lines():
+    raw = [json.dumps(CHAT).encode(), json.dumps([SHAREGPT, SHAREGPT]).encode(), b"42"]
+    batch = pa.table({"file": pa.array([0, 0, 0], pa.int32()), "line": [1, 2, 3], "text": raw})
+    out = stats.char_lengths(batch).to_pylist()
+    assert [(r["line"], r["sample"], r["status"], r["chars"]) for r in out] == [
+        (1, 0, OK, 23), (2, 0, OK, 5), (2, 1, OK, 5), (3, -1, REJECTED, None)]
+    assert out[3]["reason"] == "not a sample"
+
+
+def test_describe_equals_pandas_and_bad_records_are_listed(ray_session, tmp_path):
+    path, expected = write_mixed(tmp_path)
+    result = run_stats([path], tmp_path)
+    want = pd.Series(expected).describe()
+    assert result["chars"] == {k: float(v) for k, v in want.items()}
+    assert stats.describe_text(result["chars"]) == str(want.astype("float64"))
+    bad = result["bad_records"]
+    assert bad["count"] == 4 and bad["by_reason"] == {
+        "empty group": 1, "missing field": 1, "not a sample": 1, "truncated JSON": 1}
+    assert [(e["file"], e["line"], e["reason"]) for e in bad["examples"]][:2] == [
+        (path, 9, "truncated JSON"), (path, 11, "missing field")]
+    with open(tmp_path / "stats" / stats.BAD_RECORDS, encoding="utf-8") as f:
+        assert len(f.readlines()) == 4
+    with open(tmp_path / "stats" / stats.STATS_JSON, encoding="utf-8") as f:
+        assert json.load(f)["chars"]["count"] == len(expected)
+
+
+def test_projection_equals_what_the_build_reaches(ray_session, qwen_dir, tmp_path):
+    S = 256
+    samples = alpaca_samples(60, seed=7)
+    # A prompt of ~300 tokens: dropped at S=256, kept (cut) at 512, alone and in a list line.
+    huge = {"instruction": "Repeat after me: " + "lorem ipsum " * 140, "input": "", "output": "ok"}
+    lines = lines_with_groups(samples)
+    lines[4:4] = [huge, [samples[0], huge, samples[1]]]
+    path = write_jsonl(tmp_path / "train.jsonl", lines)
+    result = run_stats([path], tmp_path, template__tokenizer=qwen_dir, template__seq_length=S,
+                       packing__window=16, output__ladder=[512], run__workers=1)
+    at = result["at_seq_length"]
+    assert at["dropped"] == 2 and at["truncated"] > 0
+    assert [r["seq_length"] for r in result["ladder"]] == [S, 512]
+    assert result["ladder"][1]["dropped"] == 0
+    for mode in ("none", "sequential", "bfd"):
+        config = load(BuildConfig, None, {
+            "source.inputs": [path], "template.tokenizer": qwen_dir, "template.seq_length": S,
+            "packing.mode": mode, "packing.window": 16, "run.progress": False,
+            "run.workers": 1, "output.prefix": str(tmp_path / mode)})
+        built = pipeline.build(config)["summary"]
+        projected = result["packing"][mode]
+        assert (projected["docs"], projected["efficiency"], projected["tokens"]) == (
+            built["documents"], built["packing_efficiency"], built["tokens"]), mode
+        assert (at["dropped"], at["truncated"]) == (built["dropped_samples"],
+                                                    built["truncated_samples"])
+    assert result["packing"] == result["ladder"][0]["packing"]
+    saved = json.loads((tmp_path / "stats" / stats.STATS_JSON).read_text(encoding="utf-8"))
+    assert all(set(saved["packing"][m]) >= {"docs", "efficiency"} for m in ("none", "sequential",
+                                                                          "bfd"))
+    assert {"chars", "tokens", "ladder", "recommended_seq_length"} <= set(saved)
+    assert saved["recommended_seq_length"] in (S, 512, None)
+    with open(tmp_path / "stats" / stats.HISTOGRAM, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert "recommended S" in stats.summary_text(result)
+
+
+def test_stage_lengths_and_the_drop_rule_at_other_lengths(qwen_dir):
+    """Without Ray: the stage sends lengths only, and what the ladder assumes at another S
+    (kept iff a trained token lies inside it) is what the stage itself decides there."""
+    samples = alpaca_samples(12, seed=9)
+    samples[3] = {"instruction": "Say: " + "lorem ipsum " * 140, "input": "", "output": "ok"}
+    raw = [json.dumps(x, ensure_ascii=False).encode() for x in (samples[:6], *samples[6:])]
+    raw.append(b"[]")
+    batch = pa.table({"file": pa.array([0] * len(raw), pa.int32()),
+                      "line": list(range(1, len(raw) + 1)), "text": raw})
+    lengths = {}
+    for S in (64, 256, 512):
+        spec = TokenizeSpec(tokenizer=qwen_dir, seq_length=S)
+        table = stats.TokenLengths(spec)(batch)
+        assert table.schema == stats.SCHEMA
+        collector = stats.Collector(["x.jsonl"], "skip", None)
+        collector.add(table)
+        lengths[S] = collector.finish()
+        assert collector.records == len(raw) and collector.bad_count == 1
+    assert list(lengths[256].chars) == [alpaca_chars(x) for x in samples]
+    for other in (64, 512):
+        assert list(lengths[256].kept_at(other, 256)) == list(lengths[other].ok), other
+    assert not lengths[256].ok[3] and lengths[512].ok[3]
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED), reason="no ../shared/data")
+def test_reference_numbers_on_the_shared_alpaca_demo(ray_session, tmp_path):
+    for name, count, mean, top in (("alpaca_en_demo.json", 999, 787.41, 2921),
+                                   ("alpaca_zh_demo.json", 1000, 217.13, 1229)):
+        chars = run_stats([os.path.join(SHARED, name)], tmp_path)["chars"]
+        assert (chars["count"], round(chars["mean"], 2), chars["max"]) == (count, mean, top)
+
+
+def test_help_comes_from_the_config_metadata():
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "jobs"))
+    import cli
+    text = cli.parser_for(stats.StatsConfig, "stats").format_help()
+    assert "--output-dir" in text and "only character lengths" in text
+    config = cli.parse(stats.StatsConfig, "stats", ["--input", "x.jsonl", "--seq-length", "4096"])
+    assert config.template.tokenizer is None and config.template.seq_length == 4096
+    assert config.source.on_error == "skip" and config.output.ladder == stats.LADDER
