@@ -51,10 +51,13 @@ def describe_document(reader: idxmap.IndexedReader, k: int, tokenizer, color: bo
     start = 0
     for n, end in enumerate(ends):
         seg_ids, seg_trained = ids[start:end + 1], trained[start:end + 1]
-        out.append(f"--- sample {n} (tokens {start}..{end}, {int(seg_trained.sum())} trained)")
-        text = []
         cuts = np.flatnonzero(np.diff(seg_trained.astype(np.int8))) + 1
-        for run in np.split(np.arange(len(seg_ids)), cuts):
+        runs = np.split(np.arange(len(seg_ids)), cuts)
+        spans = [f"{start + r[0]}..{start + r[-1]}" for r in runs if seg_trained[r[0]]]
+        out.append(f"--- sample {n} (tokens {start}..{end}; {int(seg_trained.sum())} trained in "
+                   f"{len(spans)} span{'s' * (len(spans) != 1)}: {', '.join(spans)})")
+        text = []
+        for run in runs:
             piece = tokenizer.decode(seg_ids[run].tolist())
             text.append(f"{open_}{piece}{close}" if seg_trained[run[0]] else piece)
         out.append("".join(text))

@@ -1,0 +1,63 @@
+"""Multi-turn chat data end to end: every assistant turn trained, nothing else, on real files."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from sftprep.demo import CHAT
+from sftprep.idxmap import IndexedReader
+from sftprep.view import describe_document
+from test_pipeline import build
+
+SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+CHAT_FILES = [os.path.join(SHARED, n) for n in ("glaive_toolcall_en_demo.json",
+                                                "v1_sft_demo.jsonl")]
+
+
+def trained_runs(reader: IndexedReader, tok) -> list[str]:
+    """The decoded text of every run of trained tokens in the file."""
+    texts = []
+    for k in range(len(reader)):
+        row = np.asarray(reader.document(k))
+        S = len(row) // 2
+        inputs, labels = row[:S], row[S:]
+        ids = np.where(inputs < 0, -1 - inputs, inputs)
+        trained = np.zeros(S, bool)
+        trained[1:] = labels[:-1] != -100
+        trained[1:] &= inputs[:-1] >= 0  # a label never crosses a sample boundary
+        cuts = np.flatnonzero(np.diff(trained.astype(np.int8))) + 1
+        texts += [tok.decode(ids[r].tolist()) for r in np.split(np.arange(S), cuts)
+                  if trained[r[0]]]
+    return texts
+
+
+def test_chat_demo_trains_exactly_the_assistant_turns(ray_session, qwen_dir, qwen, tmp_path):
+    manifest = build([CHAT], qwen_dir, tmp_path / "chat", template__seq_length=2048,
+                     packing__mode="bfd", run__workers=2)
+    s = manifest["summary"]
+    assert s["rejected_records"] == 0 and s["dropped_samples"] == 0
+    reader = IndexedReader(str(tmp_path / "chat_text_document"))
+    runs = trained_runs(reader, qwen)
+    assert len(runs) > s["samples_written"]  # multi-turn: more trained turns than samples
+    assert all(r.startswith("<|im_start|>assistant\n") and r.endswith("<|im_end|>\n")
+               for r in runs)
+    assert not any("<|im_start|>user" in r or "<|im_start|>system" in r for r in runs)
+    shown = describe_document(reader, 0, qwen, color=False)
+    assert "trained in" in shown and "⟦<|im_start|>assistant" in shown
+
+
+@pytest.mark.skipif(not all(map(os.path.exists, CHAT_FILES)), reason="no ../shared/data")
+def test_public_sharegpt_tool_calls_and_messages_files(ray_session, qwen_dir, qwen, tmp_path):
+    manifest = build(CHAT_FILES, qwen_dir, tmp_path / "pub", template__seq_length=4096,
+                     packing__mode="bfd", run__workers=2, template__train_tool_calls=False)
+    s = manifest["summary"]
+    assert s["samples_in"] == 800 and s["rejected_records"] == 0
+    # A chat whose only assistant turn calls a tool has nothing left to train on.
+    assert s["samples_written"] + s["dropped_samples"] == 800
+    assert set(s["dropped_by_reason"]) <= {"nothing to train"}
+    runs = trained_runs(IndexedReader(str(tmp_path / "pub_text_document")), qwen)
+    assert runs and all(r.startswith("<|im_start|>assistant\n") for r in runs)
+    assert not any("<tool_call>" in r for r in runs)  # tool-calling turns are not trained
