@@ -76,24 +76,24 @@ def tokenize_spec(config: BuildConfig) -> TokenizeSpec:
                         columns=tuple(sorted(config.source.columns.items())))
 
 
-def tokenized_dataset(config: BuildConfig, files: list[InputFile]) -> ray.data.Dataset:
-    """The read and tokenize stages, in input order."""
+def record_dataset(config: BuildConfig, files: list[InputFile]) -> ray.data.Dataset:
+    """The read stage: raw records in input order."""
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = config.run.progress
+    return ray.data.read_datasource(
+        RecordSource(files, config.source.storage_options, config.run.block_records),
+        num_cpus=READ_CPUS)
+
+
+def tokenized_dataset(config: BuildConfig, files: list[InputFile],
+                      stage: type[Tokenize] = Tokenize) -> ray.data.Dataset:
+    """The read and tokenize stages, in input order (``stage``: Tokenize or a subclass)."""
+    ds = record_dataset(config, files)
     workers = config.run.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     cpus = ray.cluster_resources().get("CPU", 1)
     actor_cpus = round(min(1.0, cpus / workers) * ACTOR_CPU_SHARE, 3)
-    ds = ray.data.read_datasource(
-        RecordSource(files, config.source.storage_options, config.run.block_records),
-        num_cpus=READ_CPUS)
-    spec = tokenize_spec(config)
-
-    class TokenizeStage(Tokenize):  # the spec travels inside the class, not as an object-store
-        def __init__(self):         # argument that an actor restart could fail to fetch
-            super().__init__(spec)
-
-    return ds.map_batches(TokenizeStage,
+    return ds.map_batches(stage, fn_constructor_args=(tokenize_spec(config),),
                           batch_size=config.run.batch_size, batch_format="pyarrow",
                           compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=actor_cpus,
                           runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})

@@ -91,10 +91,11 @@ class Tokenize:
         first = int(np.argmax(trained)) if trained.any() else n
         ids, trained = ids[:S], trained[:S]
         if not trained[1:].any():
-            detail = (f"{first} prompt tokens >= seq-length {S}" if first >= S
-                      else "no trained token (empty assistant turns)")
-            out.problem(f, line, k, DROPPED, "prompt too long" if first >= S else "nothing to train",
-                        detail, raw, tokens=n, prompt_tokens=first)
+            if first < n:
+                reason, detail = "prompt too long", f"{first} prompt tokens >= seq-length {S}"
+            else:
+                reason, detail = "nothing to train", "no assistant turn is trained"
+            out.problem(f, line, k, DROPPED, reason, detail, raw, tokens=n, prompt_tokens=first)
             return
         labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
         labels[:-1] = np.where(trained[1:], ids[1:], IGNORE_INDEX)
