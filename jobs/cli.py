@@ -23,6 +23,8 @@ def parser_for(config_cls, description: str) -> argparse.ArgumentParser:
     for flag, dest, f in flags(config_cls):
         kind = str(f.type)
         kw = {"dest": dest, "help": f.metadata["help"], "default": argparse.SUPPRESS}
+        if kind != "bool":
+            kw["metavar"] = f.name.upper()
         if kind == "bool":
             kw["action"] = argparse.BooleanOptionalAction
         elif kind == "list":
