@@ -15,6 +15,7 @@ deleted. ossfs cannot stream writes over 5 MiB, hence the local spill and ``put_
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -29,7 +30,7 @@ import pyarrow as pa
 
 from sftprep import idxmap
 from sftprep.packing import Document, Piece, make_packer
-from sftprep.storage import filesystem, is_remote
+from sftprep.storage import filesystem, is_remote, upload
 from sftprep.tokenize import DROPPED, OK, REJECTED
 
 SUFFIXES = (".bin", ".idx")
@@ -225,11 +226,19 @@ class SFTWriter:
                 os.replace(self.tmp + s, self.prefix + s)
             return
         fs, path = filesystem(self.prefix, self.storage_options)
-        for stale in (".idx", MANIFEST, REJECTS, ".bin"):
+        for stale in (".idx", MANIFEST, REJECTS, ".bin"):  # the index goes first
             if fs.exists(path + stale):
-                fs.rm(path + stale)
-        for s in names:
-            fs.put_file(self.tmp + s, path + s)
+                fs.rm_file(path + stale)
+        uploaded: list[str] = []
+        try:
+            for s in names:  # .bin, then .idx, the manifest last
+                upload(self.tmp + s, self.prefix + s, self.storage_options, self._spill)
+                uploaded.append(s)
+        except BaseException:
+            for s in reversed(uploaded):  # leave no .idx or .bin of a half-published output
+                with contextlib.suppress(Exception):
+                    fs.rm_file(path + s)
+            raise
         shutil.rmtree(self._spill, ignore_errors=True)
 
     def abort(self) -> None:
