@@ -24,7 +24,7 @@ import sftprep
 from sftprep.config import BuildConfig, ConfigError, validate
 from sftprep.sources import SCHEMA as RECORD_SCHEMA
 from sftprep.sources import InputFile, expand_inputs, read_records
-from sftprep.storage import filesystem, redact
+from sftprep.storage import filesystem, redact, resolve_options
 from sftprep.template import load_tokenizer, tokenizer_fingerprint
 from sftprep.tokenize import Tokenize, TokenizeSpec
 from sftprep.writer import MANIFEST, SUFFIXES, SFTWriter
@@ -34,6 +34,9 @@ log = logging.getLogger("sftprep")
 READ_CPUS = 0.1
 ACTOR_CPU_SHARE = 0.9
 MAX_BLOCKS_IN_FLIGHT = 4
+# Ray Data merges a read task's output into blocks of up to 128 MiB by default: hundreds of
+# thousands of records per tokenizer task, coarse progress and a long redo when an actor dies.
+BLOCK_BYTES = 8 << 20
 PROGRESS_SECONDS = 10.0
 
 
@@ -80,9 +83,11 @@ def record_dataset(config: BuildConfig, files: list[InputFile]) -> ray.data.Data
     """The read stage: raw records in input order."""
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
+    ctx.target_max_block_size = BLOCK_BYTES
     ctx.enable_progress_bars = config.run.progress
+    options = resolve_options([f.url for f in files], config.source.storage_options)
     return ray.data.read_datasource(
-        RecordSource(files, config.source.storage_options, config.run.block_records),
+        RecordSource(files, options, config.run.block_records),
         num_cpus=READ_CPUS)
 
 
@@ -123,8 +128,9 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
             here, soft=False),
     ).remote(config.document_prefix, [f.url for f in files], config.template.seq_length,
              tok.pad_token_id, config.packing.mode, config.packing.window,
-             config.source.on_error, config.source.storage_options, config.output.spill_dir,
-             len(tok))
+             config.source.on_error,
+             resolve_options([config.document_prefix], config.source.storage_options),
+             config.output.spill_dir, len(tok))
     try:
         in_flight: deque = deque()
         last_report = time.time()

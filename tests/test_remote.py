@@ -125,12 +125,8 @@ def _writes(store, bucket: str) -> list[tuple[str, str]]:
 
 
 def test_build_on_the_store_gives_the_local_bytes_and_shows_no_secret(
-        store, dataset, local_build, qwen_dir, clean_env, tmp_path, capfd, request):
+        store, dataset, local_build, qwen_dir, clean_env, tmp_path, capfd):
     credentials = CREDENTIALS[store.protocol]
-    if credentials == "env" and not hasattr(pipeline, "resolve_options"):
-        # Until pipeline.py hands storage.resolve_options(...) to its read tasks and writer, they
-        # never see the driver's environment. Delete this once it does.
-        request.applymarker(pytest.mark.xfail(strict=True, reason="workers lack the driver's env"))
     bucket, fs = _bucket_with_data(store, dataset)
     out = f"{bucket}/out/sft_text_document"
     fs.pipe({out + s: b"stale" for s in (".bin", ".idx", ".manifest.json", ".rejects.jsonl")})
