@@ -10,7 +10,7 @@ Atomicity: data goes to ``<prefix>.tmp-<run>.bin/.idx`` beside the output (or in
 directory for a remote output). On success the old ``.idx`` is removed first, then the ``.bin``
 and the ``.idx`` are renamed (or uploaded) in that order and the manifest last, so at no moment
 does a ``.idx`` sit beside a ``.bin`` it does not describe. On failure the temporary files are
-deleted. ossfs cannot stream writes over 5 MiB, hence the local spill and ``put_file``.
+deleted. ossfs cannot stream writes over 5 MiB, hence the local spill and ``storage.upload``.
 """
 
 from __future__ import annotations
