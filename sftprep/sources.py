@@ -38,12 +38,13 @@ class InputFile:
 
 
 def expand_inputs(inputs: list[str], storage_options: dict | None = None) -> list[InputFile]:
-    """Files, directories (searched recursively for EXTENSIONS) and globs, sorted and unique."""
+    """Files, directories (searched recursively) and globs, sorted and unique; directories and
+    globs keep only EXTENSIONS, so a stray README or .txt beside the data is never read."""
     found: dict[str, int] = {}
     for spec in inputs:
         fs, path = filesystem(spec, storage_options)
         if any(c in path for c in "*?["):
-            paths = [p for p in fs.glob(path) if not fs.isdir(p)]
+            paths = [p for p in fs.glob(path) if p.endswith(EXTENSIONS)]
         elif fs.isdir(path):
             paths = [p for p in fs.find(path) if p.endswith(EXTENSIONS)]
         elif fs.exists(path):

@@ -72,7 +72,7 @@ def test_expand_inputs_files_dirs_globs(tmp_path):
     with gzip.open(tmp_path / "d" / "z.jsonl.gz", "wt") as f:
         f.write('{"x": 1}\n')
     got = [f.url for f in expand_inputs([str(tmp_path / "d"), str(tmp_path / "*.jsonl"),
-                                         str(tmp_path / "e.jsonl")])]
+                                         str(tmp_path / "d" / "*"), str(tmp_path / "e.jsonl")])]
     assert got == sorted(str(tmp_path / n) for n in ("d/a.jsonl", "d/sub/b.json",
                                                      "d/z.jsonl.gz", "e.jsonl"))
     with pytest.raises(InputError, match="does not exist"):
