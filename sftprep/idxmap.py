@@ -147,11 +147,18 @@ class IndexedReader:
         return self.data[start:stop]
 
     def rows(self, chunk: int = 4096) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield ``(first_document, rows[k, 2S])`` chunks of a verified uniform SFT file."""
+        """Yield ``(first_document, rows[k, 2S])`` chunks of a verified uniform SFT file.
+
+        Plain reads, not slices of the memory map: pages read through a map stay in this
+        process's RSS while the map lives, so checking a 16 GB file would hold 16 GB.
+        """
         width = int(self.index.sequence_lengths[0]) if len(self) else 0
-        table = self.data.reshape(-1, width) if width else self.data.reshape(0, 0)
-        for first in range(0, len(self), chunk):
-            yield first, np.asarray(table[first:first + chunk])
+        if not width:
+            return
+        with open(bin_path(self.prefix), "rb") as f:
+            for first in range(0, len(self), chunk):
+                k = min(chunk, len(self) - first)
+                yield first, np.fromfile(f, self.index.dtype, k * width).reshape(k, width)
 
 
 class LayoutError(ValueError):
