@@ -165,7 +165,7 @@ class _OssAdapter:
     """WSGI app turning Aliyun OSS requests into S3 requests to moto.
 
     The differences oss2/ossfs run into, and what is done about each:
-    - auth ``OSS key:sig`` becomes ``AWS key:sig`` (moto checks no signature);
+    - auth ``OSS key:sig`` becomes ``AWS key:signature`` (moto checks no signature);
       a request with no auth at all is refused, as by a private OSS bucket;
     - ``x-oss-*`` headers become ``x-amz-*``, and back in responses;
     - XML responses lose the S3 namespace and gain OSS-only fields;
@@ -203,7 +203,10 @@ class _OssAdapter:
         if not headers.get("authorization", "").startswith("OSS "):
             reply = _oss_error(403, "AccessDenied", "Anonymous access is not allowed.")
         else:
-            headers["authorization"] = "AWS " + headers["authorization"][4:]
+            # moto checks no signature but parses a "/"-separated credential scope out of
+            # the header; a base64 signature with four "/" in it reads as another service.
+            access_key = headers["authorization"][4:].rsplit(":", 1)[0]
+            headers["authorization"] = f"AWS {access_key}:signature"
             query = dict(parse_qsl(raw_query, keep_blank_values=True))
             reply = self._handle(method, path, query, headers, body)
 
