@@ -42,9 +42,6 @@ class Conversation:
     messages: list[dict]
     tools: list | None = None
 
-    def assistant_turns(self) -> list[int]:
-        return [i for i, m in enumerate(self.messages) if m["role"] == "assistant"]
-
 
 def parse_group(text: bytes, format: str = "auto", columns: dict | None = None) -> list[Conversation]:
     """Parse one raw record (a line or an array element) into the conversations it holds."""

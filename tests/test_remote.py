@@ -18,7 +18,6 @@ import yaml
 
 from fixtures import alpaca_samples
 from object_store import oss_server, s3_server
-from sftprep import pipeline
 from sftprep.storage import redact, resolve_options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
