@@ -42,6 +42,11 @@ class Conversation:
     messages: list[dict]
     tools: list | None = None
 
+    @property
+    def chars(self) -> int:
+        """Characters of all message contents (the reference's statistic for Alpaca)."""
+        return sum(len(m["content"]) for m in self.messages)
+
 
 def parse_group(text: bytes, format: str = "auto", columns: dict | None = None) -> list[Conversation]:
     """Parse one raw record (a line or an array element) into the conversations it holds."""

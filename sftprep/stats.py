@@ -33,7 +33,7 @@ from sftprep import pipeline
 from sftprep.config import (ConfigError, PackingConfig, RunConfig, SourceConfig, TemplateConfig,
                             opt, validate)
 from sftprep.packing import MODES, Piece, make_packer
-from sftprep.records import Conversation, RecordError, parse_group
+from sftprep.records import RecordError, parse_group
 from sftprep.sources import expand_inputs
 from sftprep.tokenize import DROPPED, OK, REJECTED, Tokenize
 from sftprep.writer import BadRecordError
@@ -102,14 +102,10 @@ def validate_stats(config: StatsConfig) -> None:
 
 # -- the stage -----------------------------------------------------------------------------------
 
-def conversation_chars(conversation: Conversation) -> int:
-    return sum(len(m["content"]) for m in conversation.messages)
-
-
 def record_chars(raw: bytes, format: str, columns: dict) -> list[int] | RecordError:
     """Characters of each sample of one raw record, or why the record is bad."""
     try:
-        return [conversation_chars(c) for c in parse_group(raw, format, columns)]
+        return [c.chars for c in parse_group(raw, format, columns)]
     except RecordError as e:
         return e
 
@@ -124,34 +120,18 @@ def char_lengths(batch: pa.Table, format: str = "auto", columns: dict | None = N
             rows.append((f, line, -1, REJECTED, counts.reason, counts.detail, None))
         else:
             rows += [(f, line, k, OK, None, None, n) for k, n in enumerate(counts)]
-    return _table(rows, tokens=None)
+    cols = list(zip(*rows)) if rows else [[]] * 7
+    arrays = [pa.array(c, SCHEMA.field(i).type) for i, c in enumerate(cols)]
+    arrays += [pa.nulls(len(rows), pa.int32())] * 2  # no tokenizer: no token lengths
+    return pa.Table.from_arrays(arrays, schema=SCHEMA)
 
 
 class TokenLengths(Tokenize):
-    """The build's tokenizer stage, sending on lengths only (plus each sample's characters)."""
+    """The build's tokenizer stage, sending on lengths only (the arrays stay in the actor)."""
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        out = super().__call__(batch)
-        chars = {}
-        for f, line, raw in zip(batch["file"].to_pylist(), batch["line"].to_pylist(),
-                                batch["text"].to_pylist()):
-            counts = record_chars(raw, self.spec.format, self.columns)
-            if not isinstance(counts, RecordError):
-                chars.update(((f, line, k), n) for k, n in enumerate(counts))
-        keys = zip(*(out[n].to_pylist() for n in ("file", "line", "sample", "status", "reason",
-                                                  "detail")))
-        rows = [(*key, chars.get(key[:3])) for key in keys]
-        return _table(rows, tokens=(out["tokens"], out["prompt_tokens"]))
+        return super().__call__(batch).select(SCHEMA.names)
 
-
-def _table(rows: list[tuple], tokens: tuple[pa.ChunkedArray, pa.ChunkedArray] | None) -> pa.Table:
-    cols = list(zip(*rows)) if rows else [[]] * 7
-    arrays = [pa.array(c, SCHEMA.field(i).type) for i, c in enumerate(cols)]
-    if tokens is None:
-        arrays += [pa.nulls(len(rows), pa.int32())] * 2
-    else:
-        arrays += [t.combine_chunks() if isinstance(t, pa.ChunkedArray) else t for t in tokens]
-    return pa.Table.from_arrays(arrays, schema=SCHEMA)
 
 
 def lengths_dataset(config: StatsConfig, files) -> ray.data.Dataset:

@@ -79,6 +79,7 @@ class Rendered:
 
     text: str
     trained: list[tuple[int, int]]
+    chars: int  # of the conversation's message contents, for the statistics
 
 
 class ChatRenderer:
@@ -112,7 +113,7 @@ class ChatRenderer:
             if bounds[i + 1] < bounds[i]:
                 raise TemplateError(f"turn {i} ends before it starts in the rendered text")
             spans.append((bounds[i], bounds[i + 1]))
-        return Rendered(full, spans)
+        return Rendered(full, spans, conv.chars)
 
     @staticmethod
     def _boundary(full: str, prefix: str, k: int) -> int:

@@ -32,6 +32,7 @@ SCHEMA = pa.schema([
     ("reason", pa.string()), ("detail", pa.string()), ("text", pa.string()),
     ("tokens", pa.int32()),          # full length before any cut
     ("prompt_tokens", pa.int32()),   # tokens before the first trained one
+    ("chars", pa.int32()),           # characters of the sample's message contents
     ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
 ])
 
@@ -95,12 +96,13 @@ class Tokenize:
                 reason, detail = "prompt too long", f"{first} prompt tokens >= seq-length {S}"
             else:
                 reason, detail = "nothing to train", "no assistant turn is trained"
-            out.problem(f, line, k, DROPPED, reason, detail, raw, tokens=n, prompt_tokens=first)
+            out.problem(f, line, k, DROPPED, reason, detail, raw, tokens=n, prompt_tokens=first,
+                        chars=rendered.chars)
             return
         labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
         labels[:-1] = np.where(trained[1:], ids[1:], IGNORE_INDEX)
         ids[-1] = -1 - ids[-1]
-        out.sample(f, line, k, n, first, ids, labels)
+        out.sample(f, line, k, n, first, rendered.chars, ids, labels)
 
 
 def _token_at(enc, char: int, n: int, text_len: int) -> int:
@@ -129,17 +131,17 @@ class _Rows:
         for name, col in self.cols.items():
             col.append(values.get(name))
 
-    def sample(self, f, line, k, tokens, prompt_tokens, ids, labels) -> None:
+    def sample(self, f, line, k, tokens, prompt_tokens, chars, ids, labels) -> None:
         self._row(file=f, line=line, sample=k, status=OK, tokens=tokens,
-                  prompt_tokens=prompt_tokens)
+                  prompt_tokens=prompt_tokens, chars=chars)
         self.ids.append(ids)
         self.labels.append(labels)
 
     def problem(self, f, line, k, status, reason, detail, raw: bytes, tokens=None,
-                prompt_tokens=None) -> None:
+                prompt_tokens=None, chars=None) -> None:
         text = raw[:REJECT_TEXT_CHARS * 4].decode("utf-8", errors="replace")[:REJECT_TEXT_CHARS]
         self._row(file=f, line=line, sample=k, status=status, reason=reason, detail=detail,
-                  text=text, tokens=tokens, prompt_tokens=prompt_tokens)
+                  text=text, tokens=tokens, prompt_tokens=prompt_tokens, chars=chars)
         self.ids.append(_EMPTY)
         self.labels.append(_EMPTY)
 
