@@ -99,8 +99,8 @@ def tokenized_dataset(config: BuildConfig, files: list[InputFile],
                       stage: type[Tokenize] = Tokenize) -> ray.data.Dataset:
     """The read and tokenize stages, in input order (``stage``: Tokenize or a subclass)."""
     ds = record_dataset(config, files)
-    workers = config.run.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
     cpus = ray.cluster_resources().get("CPU", 1)
+    workers = config.run.workers or max(1, int(cpus))
     actor_cpus = round(min(1.0, cpus / workers) * ACTOR_CPU_SHARE, 3)
     return ds.map_batches(stage, fn_constructor_args=(tokenize_spec(config),),
                           batch_size=config.run.batch_size, batch_format="pyarrow",
