@@ -71,3 +71,58 @@ def test_pad_token_rules(qwen_dir):
     assert tok.pad_token == "<|endoftext|>" and len(tok) == 151669
     tok = load_tokenizer(qwen_dir, "<|extra_0|>")
     assert tok.pad_token_id == 151669 and len(tok) == 151670
+
+
+THINKING_TEMPLATE = (  # reads the reasoning under the name gpt-oss templates use
+    "{{ bos_token }}{% for m in messages %}<{{ m.role }}>{% if m.thinking %}[{{ m.thinking }}]"
+    "{% endif %}{{ m.content }}{% for c in m.tool_calls or [] %}{{ c | tojson }}{% endfor %}"
+    "</{{ m.role }}>{% endfor %}{% if tools %}{{ tools | tojson }}{% endif %}"
+)
+
+
+def demo_conversations() -> list[Conversation]:
+    from sftprep.demo import ALPACA, CHAT
+    from sftprep.records import parse_group
+
+    out = []
+    for path in (ALPACA, CHAT):
+        with open(path, "rb") as f:
+            out += [c for line in f for c in parse_group(line)]
+    reasoning = {"role": "assistant", "content": "It is 4.", "reasoning_content": "2+2=4"}
+    out.append(Conversation([{"role": "user", "content": "2+2?"}, reasoning]))
+    return out
+
+
+@pytest.mark.parametrize("template", ["tokenizer's own", "reference ChatML", "thinking"])
+def test_render_is_exactly_apply_chat_template(qwen_dir, tmp_path, template):
+    """ChatRenderer renders through its own compiled copy of the template (see ``_compile``);
+    every prefix of every demo conversation must come out as apply_chat_template's text."""
+    path = tmp_path / "t.jinja"
+    path.write_text({"reference ChatML": REFERENCE_CHATML, "thinking": THINKING_TEMPLATE}
+                    .get(template, ""))
+    tok = load_tokenizer(qwen_dir, "<|extra_0|>",
+                         str(path) if template != "tokenizer's own" else None)
+    renderer, convs = ChatRenderer(tok), demo_conversations()
+    assert sum(bool(c.tools) for c in convs) >= 3
+    assert any(m.get("tool_calls") for c in convs for m in c.messages)
+    for c in convs:
+        for k in range(1, len(c.messages) + 1):
+            expected = tok.apply_chat_template(c.messages[:k], tools=c.tools, tokenize=False)
+            assert renderer.render(c.messages[:k], c.tools) == expected
+    if template == "thinking":
+        assert "[2+2=4]It is 4." in renderer.render(convs[-1].messages)
+
+
+@pytest.mark.parametrize("body", ["{{ messages.__class__.__mro__ }}",
+                                  "{% set _ = messages.append(1) %}{{ messages }}",
+                                  "{{ messages[0].update({'role': 'x'}) }}"])
+def test_the_sandbox_still_refuses_what_it_refused(qwen_dir, tmp_path, body):
+    path = tmp_path / "evil.jinja"
+    path.write_text(body)
+    tok = load_tokenizer(qwen_dir, chat_template=str(path))
+    c = conv(("user", "q"), ("assistant", "a"))
+    with pytest.raises(Exception, match="(?i)unsafe|security|access"):
+        tok.apply_chat_template(c.messages, tokenize=False)
+    for _ in range(2):  # the second time the verdict comes from the memo
+        with pytest.raises(TemplateError, match="(?i)unsafe|security|access"):
+            ChatRenderer(tok).render(c.messages)
