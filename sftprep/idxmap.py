@@ -166,11 +166,14 @@ class LayoutError(ValueError):
 
 
 def check_sft_layout(reader: IndexedReader, seq_length: int | None = None,
-                     pad_id: int | None = None, vocab_size: int | None = None) -> dict:
+                     pad_id: int | None = None, vocab_size: int | None = None,
+                     contents: bool = True) -> dict:
     """Check every invariant of the SFT layout; raise ``LayoutError`` at the first violation.
 
     Returns the figures it saw (documents, samples, tokens, pad). ``seq_length``, ``pad_id`` and
     ``vocab_size`` are checked when given (the build's manifest gives them), else inferred.
+    ``contents=False`` checks the index and the file sizes only: for a writer that ran
+    ``check_rows`` on every document before writing it.
     """
     ix, n = reader.index, len(reader)
     if ix.dtype != SFT_DTYPE:
@@ -181,11 +184,12 @@ def check_sft_layout(reader: IndexedReader, seq_length: int | None = None,
     if not np.array_equal(ix.document_index, np.arange(n + 1)):
         bad = int(np.argmax(ix.document_index != np.arange(n + 1)))
         raise LayoutError(f"document index entry {bad} is {ix.document_index[bad]}, expected {bad}")
+    totals = {"documents": n, "samples": 0, "tokens": 0, "pad": 0, "seq_length": seq_length}
     if n == 0:
-        return {"documents": 0, "samples": 0, "tokens": 0, "pad": 0, "seq_length": seq_length}
+        return totals
     width = int(ix.sequence_lengths[0])
     if seq_length is None:
-        seq_length = width // 2
+        seq_length = totals["seq_length"] = width // 2
     if width != 2 * seq_length:
         raise LayoutError(f"document 0 has {width} values, expected 2*S = {2 * seq_length}")
     if np.any(ix.sequence_lengths != width):
@@ -198,14 +202,15 @@ def check_sft_layout(reader: IndexedReader, seq_length: int | None = None,
                           f"expected {expected_ptr[bad]}")
     if reader.data.size != n * width:
         raise LayoutError(f".bin holds {reader.data.size} values, the index promises {n * width}")
-    totals = {"documents": n, "samples": 0, "tokens": 0, "pad": 0, "seq_length": seq_length}
-    for first, rows in reader.rows():
-        _check_rows(first, rows, seq_length, pad_id, vocab_size, totals)
+    if contents:
+        for first, rows in reader.rows():
+            check_rows(first, rows, seq_length, pad_id, vocab_size, totals)
     return totals
 
 
-def _check_rows(first: int, rows: np.ndarray, S: int, pad_id: int | None,
-                vocab_size: int | None, totals: dict) -> None:
+def check_rows(first: int, rows: np.ndarray, S: int, pad_id: int | None,
+               vocab_size: int | None, totals: dict) -> None:
+    """Check documents ``first, first+1, ...`` (``rows[k, 2S]``); add their figures to ``totals``."""
     inputs, labels = rows[:, :S], rows[:, S:]
     markers = inputs < 0
     ids = np.where(markers, -1 - inputs, inputs)

@@ -2,9 +2,10 @@
 
 ``SFTWriter`` is a plain class (unit-tested without Ray); the pipeline runs exactly one of it as
 a Ray actor and feeds it the tokenizer stage's blocks in input order. It checks that order,
-rebuilds each line's group, packs, writes documents as they fill, reports every record it does
-not write, and at the end verifies the files against the contract before they get their final
-names.
+rebuilds each line's group, packs, checks every document against the contract
+(``idxmap.check_rows``) just before writing it, reports every record it does not write, and at
+the end checks the index and the file sizes before the files get their final names. Checking the
+documents in memory, not by reading the ``.bin`` back, keeps the check off the end of the run.
 
 Atomicity: data goes to ``<prefix>.tmp-<run>.bin/.idx`` beside the output (or in a local spill
 directory for a remote output). On success the old ``.idx`` is removed first, then the ``.bin``
@@ -75,6 +76,8 @@ class SFTWriter:
         self.c = Counter()
         self.reasons: dict[str, Counter] = {REJECTED: Counter(), DROPPED: Counter()}
         self.max_samples_per_doc = 0
+        self.checked = {"samples": 0, "tokens": 0, "pad": 0}  # what check_rows saw
+        self._rows = np.empty((0, 2 * seq_length), dtype=np.int32)  # reused: no page faults
         self.started = time.time()
         self.write_seconds = 0.0
 
@@ -139,7 +142,9 @@ class SFTWriter:
         if not docs:
             return
         S = self.S
-        rows = np.empty((len(docs), 2 * S), dtype=np.int32)
+        if len(self._rows) < len(docs):
+            self._rows = np.empty((len(docs), 2 * S), dtype=np.int32)
+        rows = self._rows[:len(docs)]
         rows[:, :S] = self.pad_id
         rows[:, S:] = idxmap.IGNORE_INDEX
         for r, doc in enumerate(docs):
@@ -152,6 +157,8 @@ class SFTWriter:
             self.c["tokens"] += at
             self.c["trained"] += int(np.count_nonzero(rows[r, S:S + at] != idxmap.IGNORE_INDEX))
             self.max_samples_per_doc = max(self.max_samples_per_doc, len(doc))
+        idxmap.check_rows(self.index.documents, rows, S, self.pad_id, self.vocab_size,
+                          self.checked)
         self.index.add_documents(rows)
 
     def progress(self) -> dict:
@@ -172,15 +179,17 @@ class SFTWriter:
         if self._rejects:
             self._rejects.close()
         self.write_seconds += time.perf_counter() - t0
-        check = idxmap.check_sft_layout(idxmap.IndexedReader(self.tmp), self.S, self.pad_id,
-                                        self.vocab_size)
+        idxmap.check_sft_layout(idxmap.IndexedReader(self.tmp), self.S, self.pad_id,
+                                self.vocab_size, contents=False)
         summary = self.summary()
         elapsed = manifest_extra.get("elapsed_seconds")
         if elapsed:
             summary["elapsed_seconds"] = elapsed
             summary["tokens_per_second"] = round(summary["tokens"] / elapsed)
-        if check["tokens"] != summary["tokens"] or check["samples"] != summary["samples_written"]:
-            raise RuntimeError(f"verification disagrees with the writer's counts: {check}")
+        if (self.checked["tokens"], self.checked["samples"]) != (summary["tokens"],
+                                                                   summary["samples_written"]):
+            raise RuntimeError(f"the checked documents disagree with the writer's counts: "
+                               f"{self.checked} against {summary}")
         manifest = {**manifest_extra, "summary": summary, "verified": True,
                     "files": {s.lstrip("."): self.prefix + s for s in SUFFIXES}}
         if self._rejects:

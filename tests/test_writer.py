@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sftprep.idxmap import IndexedReader, check_sft_layout
+from sftprep.idxmap import IndexedReader, LayoutError, check_sft_layout
 from sftprep.packing import MODES
 from sftprep.tokenize import SCHEMA
 from sftprep.writer import BadRecordError, SFTWriter
@@ -86,6 +86,19 @@ def test_out_of_order_blocks_are_refused(tmp_path):
     w.consume(table([{"file": 0, "line": 2, "input_ids": a[0], "labels": a[1]}]))
     with pytest.raises(RuntimeError, match="out of order"):
         w.consume(table([{"file": 0, "line": 1, "input_ids": a[0], "labels": a[1]}]))
+    w.abort()
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_document_that_breaks_the_contract_is_never_written(tmp_path):
+    """The writer checks every document before writing it (not by reading the .bin back)."""
+    w = writer(tmp_path)
+    ids, labels = sample(6, 1)
+    labels[3] = ids[3] + 1  # not the next input id
+    w.consume(table([{"file": 0, "line": 1, "input_ids": ids, "labels": labels}]))
+    with pytest.raises(LayoutError, match="document 0, position 3: label is not the next input"):
+        w.finish({})
+    assert os.path.getsize(w.tmp + ".bin") == 0
     w.abort()
     assert os.listdir(tmp_path) == []
 
