@@ -83,15 +83,20 @@ class Tokenize:
 
     def _sample(self, out: "_Rows", f, line, k, raw, rendered, enc) -> None:
         S = self.spec.seq_length
-        ids = np.asarray(enc.ids, dtype=np.int32)
-        n = len(ids)
-        trained = np.zeros(n, dtype=bool)
-        for a, b in rendered.trained:
-            trained[_token_at(enc, a, n, len(rendered.text)):
-                    _token_at(enc, b, n, len(rendered.text))] = True
-        first = int(np.argmax(trained)) if trained.any() else n
-        ids, trained = ids[:S], trained[:S]
-        if not trained[1:].any():
+        ids = np.array(enc.ids, dtype=np.int32)
+        n, chars = len(ids), len(rendered.text)
+        spans = [(_token_at(enc, a, n, chars), _token_at(enc, b, n, chars))
+                 for a, b in rendered.trained]
+        first = min((a for a, b in spans if a < b), default=n)  # tokens before the first trained
+        ids = ids[:S]
+        labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
+        trained = False
+        for a, b in spans:  # label t is input t+1 where token t+1 is trained (never token 0)
+            a, b = max(a, 1), min(b, len(ids))
+            if a < b:
+                labels[a - 1:b - 1] = ids[a:b]
+                trained = True
+        if not trained:
             if first < n:
                 reason, detail = "prompt too long", f"{first} prompt tokens >= seq-length {S}"
             else:
@@ -99,8 +104,6 @@ class Tokenize:
             out.problem(f, line, k, DROPPED, reason, detail, raw, tokens=n, prompt_tokens=first,
                         chars=rendered.chars)
             return
-        labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
-        labels[:-1] = np.where(trained[1:], ids[1:], IGNORE_INDEX)
         ids[-1] = -1 - ids[-1]
         out.sample(f, line, k, n, first, rendered.chars, ids, labels)
 
