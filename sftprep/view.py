@@ -33,35 +33,46 @@ def verify(prefix: str, tokenizer=None) -> dict:
     return idxmap.check_sft_layout(idxmap.IndexedReader(prefix), S, pad, vocab)
 
 
-def describe_document(reader: idxmap.IndexedReader, k: int, tokenizer, color: bool) -> str:
-    """Document ``k`` decoded: samples one by one, trained text marked, padding summarized.
+def sample_runs(row: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int, list]]]:
+    """A document's token ids, and per sample ``(first, last, runs)``; ``runs`` cut the sample's
+    positions into ``(a, b, trained)`` stretches, ``b`` exclusive.
 
-    A token is marked trained when the label before it predicts it (``labels[t-1] != -100``).
+    A token is trained when the label before it predicts it (``labels[t-1] != -100``).
     """
-    row = np.asarray(reader.document(k))
     S = len(row) // 2
     inputs, labels = row[:S], row[S:]
     ids = np.where(inputs < 0, -1 - inputs, inputs)
     trained = np.zeros(S, dtype=bool)
     trained[1:] = labels[:-1] != idxmap.IGNORE_INDEX
+    samples, start = [], 0
+    for end in np.flatnonzero(inputs < 0):
+        seg = trained[start:end + 1]
+        cuts = [start, *(np.flatnonzero(np.diff(seg.astype(np.int8))) + 1 + start), end + 1]
+        samples.append((start, int(end), [(int(a), int(b), bool(trained[a]))
+                                          for a, b in zip(cuts, cuts[1:])]))
+        start = end + 1
+    return ids, samples
+
+
+def describe_document(reader: idxmap.IndexedReader, k: int, tokenizer, color: bool) -> str:
+    """Document ``k`` decoded: samples one by one, trained text marked, padding summarized."""
+    row = np.asarray(reader.document(k))
+    S = len(row) // 2
+    ids, samples = sample_runs(row)
+    used = samples[-1][1] + 1 if samples else 0
     open_, close = TRAINED if color else TRAINED_PLAIN
-    ends = np.flatnonzero(inputs < 0)
-    out = [f"document {k}: {len(ends)} samples, {ends[-1] + 1 if len(ends) else 0} tokens, "
-           f"{S - (ends[-1] + 1 if len(ends) else 0)} pad (trained text {open_}marked{close})"]
-    start = 0
-    for n, end in enumerate(ends):
-        seg_ids, seg_trained = ids[start:end + 1], trained[start:end + 1]
-        cuts = np.flatnonzero(np.diff(seg_trained.astype(np.int8))) + 1
-        runs = np.split(np.arange(len(seg_ids)), cuts)
-        spans = [f"{start + r[0]}..{start + r[-1]}" for r in runs if seg_trained[r[0]]]
-        out.append(f"--- sample {n} (tokens {start}..{end}; {int(seg_trained.sum())} trained in "
+    out = [f"document {k}: {len(samples)} samples, {used} tokens, {S - used} pad "
+           f"(trained text {open_}marked{close})"]
+    for n, (first, last, runs) in enumerate(samples):
+        spans = [f"{a}..{b - 1}" for a, b, t in runs if t]
+        count = sum(b - a for a, b, t in runs if t)
+        out.append(f"--- sample {n} (tokens {first}..{last}; {count} trained in "
                    f"{len(spans)} span{'s' * (len(spans) != 1)}: {', '.join(spans)})")
         text = []
-        for run in runs:
-            piece = tokenizer.decode(seg_ids[run].tolist())
-            text.append(f"{open_}{piece}{close}" if seg_trained[run[0]] else piece)
+        for a, b, t in runs:
+            piece = tokenizer.decode(ids[a:b].tolist())
+            text.append(f"{open_}{piece}{close}" if t else piece)
         out.append("".join(text))
-        start = end + 1
-    if start < S:
-        out.append(f"--- padding: {S - start} x id {int(inputs[start])}")
+    if used < S:
+        out.append(f"--- padding: {S - used} x id {int(row[used])}")
     return "\n".join(out)

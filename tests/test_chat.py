@@ -9,7 +9,7 @@ import pytest
 
 from sftprep.demo import CHAT
 from sftprep.idxmap import IndexedReader
-from sftprep.view import describe_document
+from sftprep.view import describe_document, sample_runs
 from test_pipeline import build
 
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
@@ -21,16 +21,9 @@ def trained_runs(reader: IndexedReader, tok) -> list[str]:
     """The decoded text of every run of trained tokens in the file."""
     texts = []
     for k in range(len(reader)):
-        row = np.asarray(reader.document(k))
-        S = len(row) // 2
-        inputs, labels = row[:S], row[S:]
-        ids = np.where(inputs < 0, -1 - inputs, inputs)
-        trained = np.zeros(S, bool)
-        trained[1:] = labels[:-1] != -100
-        trained[1:] &= inputs[:-1] >= 0  # a label never crosses a sample boundary
-        cuts = np.flatnonzero(np.diff(trained.astype(np.int8))) + 1
-        texts += [tok.decode(ids[r].tolist()) for r in np.split(np.arange(S), cuts)
-                  if trained[r[0]]]
+        ids, samples = sample_runs(np.asarray(reader.document(k)))
+        texts += [tok.decode(ids[a:b].tolist()) for *_, runs in samples
+                  for a, b, trained in runs if trained]
     return texts
 
 
