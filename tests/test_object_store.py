@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import os
 import socket
@@ -151,17 +152,9 @@ def test_pipe_large_is_multipart(fs, bucket, store):
     assert fs.cat(path) == data
 
 
-def test_streaming_write_small(fs, bucket):
-    path = f"{bucket}/w/small.bin"
-    data = os.urandom(3 * MiB)
-    with fs.open(path, "wb") as f:
-        for i in range(0, len(data), MiB):
-            f.write(data[i : i + MiB])
-    assert fs.cat(path) == data
-
-
-def test_streaming_write_over_5mib(fs, bucket, store, request):
-    if store.protocol == "oss":
+@pytest.mark.parametrize("mib", [3, 12], ids=["small", "over_5mib"])
+def test_streaming_write(fs, bucket, store, request, mib):
+    if store.protocol == "oss" and mib > 5:
         # Known ossfs bug, reproduced against this adapter exactly as against real OSS:
         # OSSFile keeps its append position in `self.loc`, which fsspec's
         # AbstractBufferedFile.write() also bumps per write, so the second append
@@ -169,8 +162,8 @@ def test_streaming_write_over_5mib(fs, bucket, store, request):
         # answers 409 PositionNotEqualToLength (an OSError). One single write() of
         # everything, or put_file/pipe, works.
         request.applymarker(pytest.mark.xfail(raises=OSError, strict=False, reason="ossfs OSSFile.loc bug"))
-    path = f"{bucket}/w/big.bin"
-    data = os.urandom(12 * MiB)
+    path = f"{bucket}/w/{mib}.bin"
+    data = os.urandom(mib * MiB)
     with fs.open(path, "wb") as f:
         for i in range(0, len(data), MiB):
             f.write(data[i : i + MiB])
@@ -185,13 +178,20 @@ def test_rm(fs, bucket):
     assert fs.find(bucket) == [f"{bucket}/keep"]
 
 
-def test_s3_env_vars():
-    """Plain fsspec.filesystem("s3") works from the env vars alone: botocore reads AWS_ENDPOINT_URL."""
-    with s3_server() as store, pytest.MonkeyPatch.context() as mp:
+@contextlib.contextmanager
+def configured_by_env(server):
+    """A store whose address and credentials are only in the environment, and a fresh bucket."""
+    with server as store, pytest.MonkeyPatch.context() as mp:
         for name, value in store.env.items():
             mp.setenv(name, value)
         name = f"env-{uuid.uuid4().hex[:12]}"
         store.create_bucket(name)
+        yield store, name
+
+
+def test_s3_env_vars():
+    """Plain fsspec.filesystem("s3") works from the env vars alone: botocore reads AWS_ENDPOINT_URL."""
+    with configured_by_env(s3_server()) as (store, name):
         fs = fsspec.filesystem("s3", skip_instance_cache=True)
         fs.pipe(f"{name}/x", b"via env")
         assert fs.cat(f"{name}/x") == b"via env"
@@ -199,11 +199,7 @@ def test_s3_env_vars():
 
 def test_oss_env_vars():
     """ossfs reads OSS_ENDPOINT only; without key/secret it is anonymous, which OSS refuses."""
-    with oss_server() as store, pytest.MonkeyPatch.context() as mp:
-        for name, value in store.env.items():
-            mp.setenv(name, value)
-        name = f"env-{uuid.uuid4().hex[:12]}"
-        store.create_bucket(name)
+    with configured_by_env(oss_server()) as (store, name):
         anonymous = fsspec.filesystem("oss", skip_instance_cache=True)
         assert anonymous._endpoint == store.endpoint
         with pytest.raises(PermissionError):
