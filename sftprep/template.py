@@ -86,7 +86,6 @@ class ChatRenderer:
     """Renders conversations and finds the character span of every trained assistant turn."""
 
     def __init__(self, tokenizer, train_on: str = "all", train_tool_calls: bool = True):
-        self.tok = tokenizer
         self.train_on = train_on
         self.train_tool_calls = train_tool_calls
         self._template = _compile(tokenizer.chat_template)

@@ -84,8 +84,8 @@ class Tokenize:
     def _sample(self, out: "_Rows", f, line, k, raw, rendered, enc) -> None:
         S = self.spec.seq_length
         ids = np.array(enc.ids, dtype=np.int32)
-        n, chars = len(ids), len(rendered.text)
-        spans = [(_token_at(enc, a, n, chars), _token_at(enc, b, n, chars))
+        n, text_len = len(ids), len(rendered.text)
+        spans = [(_token_at(enc, a, n, text_len), _token_at(enc, b, n, text_len))
                  for a, b in rendered.trained]
         first = min((a for a, b in spans if a < b), default=n)  # tokens before the first trained
         ids = ids[:S]

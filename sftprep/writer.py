@@ -37,6 +37,9 @@ from sftprep.tokenize import DROPPED, OK, REJECTED
 SUFFIXES = (".bin", ".idx")
 MANIFEST = ".manifest.json"
 REJECTS = ".rejects.jsonl"
+# An old output is removed in this order before the new one lands: its index first, so no .idx
+# ever describes a .bin it was not written with.
+STALE_ORDER = (".idx", MANIFEST, ".bin", REJECTS)
 
 
 class BadRecordError(ValueError):
@@ -228,14 +231,14 @@ class SFTWriter:
     def _publish(self) -> None:
         names = list(SUFFIXES) + ([REJECTS] if self._rejects else []) + [MANIFEST]
         if not self.remote:
-            for stale in (".idx", MANIFEST, ".bin", REJECTS):  # the index goes first
+            for stale in STALE_ORDER:
                 if os.path.exists(self.prefix + stale):
                     os.remove(self.prefix + stale)
             for s in names:
                 os.replace(self.tmp + s, self.prefix + s)
             return
         fs, path = filesystem(self.prefix, self.storage_options)
-        for stale in (".idx", MANIFEST, REJECTS, ".bin"):  # the index goes first
+        for stale in STALE_ORDER:
             if fs.exists(path + stale):
                 fs.rm_file(path + stale)
         uploaded: list[str] = []
