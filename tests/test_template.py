@@ -123,6 +123,7 @@ def test_the_sandbox_still_refuses_what_it_refused(qwen_dir, tmp_path, body):
     c = conv(("user", "q"), ("assistant", "a"))
     with pytest.raises(Exception, match="(?i)unsafe|security|access"):
         tok.apply_chat_template(c.messages, tokenize=False)
+    renderer = ChatRenderer(tok)
     for _ in range(2):  # the second time the verdict comes from the memo
         with pytest.raises(TemplateError, match="(?i)unsafe|security|access"):
-            ChatRenderer(tok).render(c.messages)
+            renderer.render(c.messages)

@@ -94,7 +94,7 @@ def test_a_document_that_breaks_the_contract_is_never_written(tmp_path):
     """The writer checks every document before writing it (not by reading the .bin back)."""
     w = writer(tmp_path)
     ids, labels = sample(6, 1)
-    labels[3] = ids[3] + 1  # not the next input id
+    labels[3] = ids[4] + 1  # not the next input id
     w.consume(table([{"file": 0, "line": 1, "input_ids": ids, "labels": labels}]))
     with pytest.raises(LayoutError, match="document 0, position 3: label is not the next input"):
         w.finish({})
