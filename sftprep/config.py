@@ -26,8 +26,9 @@ from sftprep.packing import MODES
 REQUIRED = "<required>"
 
 
-def opt(default: Any, help: str, flag: str | None = None, **kw: Any) -> Any:
-    meta = {"help": help, "flag": flag}
+def opt(default: Any, help: str, flag: str | None = None, short: str | None = None,
+        **kw: Any) -> Any:
+    meta = {"help": help, "flag": flag, "short": short}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -90,6 +91,9 @@ class RunConfig:
     batch_size: int = opt(256, "records per tokenizer batch", "--batch-size")
     block_records: int = opt(2048, "records per block read from a file", "--block-records")
     progress: bool = opt(True, "show progress bars", "--progress")
+    verbose: bool = opt(False, "show the logs of Ray and transformers (hidden by default; Ray "
+                        "keeps them in its session's log directory either way)", "--verbose",
+                        short="-v")
 
 
 @dataclass

@@ -13,7 +13,11 @@ never runs far ahead of tokenizing and memory stays flat as the input grows.
 
 from __future__ import annotations
 
+import _thread
+import contextlib
 import logging
+import signal
+import threading
 import time
 from collections import deque
 from dataclasses import asdict
@@ -29,9 +33,8 @@ from sftprep.sources import InputFile, expand_inputs, read_records
 from sftprep.storage import filesystem, redact, resolve_options
 from sftprep.template import load_tokenizer, tokenizer_fingerprint
 from sftprep.tokenize import Tokenize, TokenizeSpec
-from sftprep.writer import MANIFEST, SUFFIXES, SFTWriter
+from sftprep.writer import MANIFEST, SUFFIXES, SFTWriter, remove_temporary
 
-log = logging.getLogger("sftprep")
 
 READ_CPUS = 0.1
 ACTOR_CPU_SHARE = 0.9
@@ -71,14 +74,84 @@ class RecordSource(ray.data.Datasource):
         return "ReadSFTRecords"
 
 
-def ensure_ray() -> None:
+def ensure_ray(verbose: bool = False) -> None:
     """Join the cluster of ``ray job submit`` (or RAY_ADDRESS), else start a local runtime.
 
     A local runtime starts without the dashboard: a dozen processes, ~1 GB of RSS and CPU
     that a one-machine build wants for tokenizing (a cluster keeps its own).
+    Unless ``verbose``, the workers' and Ray's own processes' output stays in the session's log
+    files instead of being copied to the driver's terminal, and Ray Data prints warnings only
+    (its log file in the session keeps everything).
     """
     if not ray.is_initialized():
-        ray.init(log_to_driver=True, logging_level=logging.WARNING, include_dashboard=False)
+        ray.init(log_to_driver=verbose, logging_level=logging.WARNING, include_dashboard=False)
+    for handler in logging.getLogger("ray.data").handlers:
+        if handler.name == "console":
+            handler.setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+class RuntimeLost(RuntimeError):
+    """The local Ray runtime this process started stopped under it (killed from outside)."""
+
+
+class LocalRuntimeWatch:
+    """While active, watch the processes of a local Ray runtime that this driver started.
+
+    Killed from outside, the runtime leaves the driver blocked in Ray calls until Ray's core
+    gives up on its GCS a minute later and ends the process without a word. Instead, the
+    moment one of its processes exits, ``lost`` names it and the main thread is interrupted.
+    A cluster this driver joined (``ray job submit``) is not ours to watch.
+    """
+
+    def __init__(self, interval: float = 0.5):
+        self.interval = interval
+        self.lost: str | None = None
+        self._stop = threading.Event()
+        node = ray._private.worker._global_node  # set only when this process started Ray
+        self._node = node if node is not None and node.live_processes() else None
+
+    def start(self) -> "LocalRuntimeWatch":
+        if self._node is not None:
+            threading.Thread(target=self._watch, name="ray-runtime-watch", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            dead = self._node.dead_processes()
+            if dead:
+                self.lost = dead[0][0]
+                _thread.interrupt_main()
+                return
+
+
+def abandon_local_runtime() -> None:
+    """Kill what is left of a lost local runtime (``ray.shutdown`` would wait on it)."""
+    node = ray._private.worker._global_node
+    if node is not None:
+        node.kill_all_processes(check_alive=False, allow_graceful=False)
+
+
+@contextlib.contextmanager
+def _sigint_ignored():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def worker_env(verbose: bool) -> dict:
+    """Environment of the tokenizer actors: one thread each; transformers quiet unless asked."""
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    if not verbose:
+        env.update(TRANSFORMERS_VERBOSITY="error", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
+    return env
 
 
 def tokenize_spec(config: BuildConfig) -> TokenizeSpec:
@@ -121,7 +194,7 @@ def tokenized_dataset(config: BuildConfig, files: list[InputFile],
     return ds.map_batches(stage, fn_constructor_args=(tokenize_spec(config),),
                           batch_size=config.run.batch_size, batch_format="pyarrow",
                           compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=actor_cpus,
-                          runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+                          runtime_env={"env_vars": worker_env(config.run.verbose)})
 
 
 def check_output_free(config: BuildConfig) -> None:
@@ -140,7 +213,7 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
     check_output_free(config)
     tok = load_tokenizer(config.template.tokenizer, config.template.pad_token,
                          config.template.chat_template)
-    ensure_ray()
+    ensure_ray(config.run.verbose)
     here = ray.get_runtime_context().get_node_id()
     writer = ray.remote(SFTWriter).options(
         num_cpus=0, max_restarts=0,
@@ -151,15 +224,18 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
              config.source.on_error,
              resolve_options([config.document_prefix], config.source.storage_options),
              config.output.spill_dir, len(tok))
+    temporary = ray.get(writer.temporary_paths.remote())
+    watch = LocalRuntimeWatch().start()
     try:
         in_flight: deque = deque()
-        last_report = time.time()
+        last_report = None  # the first block written is reported, then every PROGRESS_SECONDS
         for bundle in tokenized_dataset(config, files).iter_internal_ref_bundles():
             for block_ref in bundle.block_refs:
                 in_flight.append(writer.consume.remote(block_ref))
                 while len(in_flight) > MAX_BLOCKS_IN_FLIGHT:
                     progress = ray.get(in_flight.popleft())
-                    if on_progress and time.time() - last_report > PROGRESS_SECONDS:
+                    if on_progress and (last_report is None
+                                        or time.time() - last_report > PROGRESS_SECONDS):
                         on_progress({**progress, "seconds": time.time() - started})
                         last_report = time.time()
         ray.get(list(in_flight))
@@ -178,11 +254,18 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
         }
         manifest = ray.get(writer.finish.remote(extra))
     except BaseException:
-        try:
-            ray.get(writer.abort.remote(), timeout=60)
-        except Exception:  # the writer itself may be what died; its files are temporary names
-            log.warning("could not clean up the writer's temporary files")
+        if watch.lost:  # no Ray call can answer now; the writer's files are on this node
+            remove_temporary(temporary)
+            raise RuntimeLost(f"the local Ray runtime stopped during the build ({watch.lost} "
+                              "exited); nothing written") from None
+        with _sigint_ignored():  # a second Ctrl-C must not cut the clean-up short
+            try:
+                ray.get(writer.abort.remote(), timeout=60)
+            except Exception:  # the writer itself may be what died
+                remove_temporary(temporary)
         raise
     finally:
-        ray.kill(writer, no_restart=True)
+        watch.stop()
+        if not watch.lost:
+            ray.kill(writer, no_restart=True)
     return manifest

@@ -317,7 +317,7 @@ def run(config: StatsConfig) -> dict:
         for name in (STATS_JSON, HISTOGRAM, BAD_RECORDS):
             if os.path.exists(os.path.join(out_dir, name)):
                 os.remove(os.path.join(out_dir, name))
-    pipeline.ensure_ray()
+    pipeline.ensure_ray(config.run.verbose)
     collector = Collector([f.url for f in files], config.source.on_error,
                           os.path.join(out_dir, BAD_RECORDS) if out_dir else None)
     columns = SCHEMA.names

@@ -19,6 +19,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 
+from sftprep.config import ConfigError
 from sftprep.records import Conversation
 
 # The reference's ChatML template, used when the tokenizer has none and none is given.
@@ -43,7 +44,10 @@ def load_tokenizer(path: str, pad_token: str | None = None, chat_template: str |
     """
     from transformers import AutoTokenizer  # heavy import, only where a tokenizer is needed
 
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # transformers raises ValueError, OSError, JSON and key errors here
+        raise ConfigError(_unloadable(path, e)) from None
     if pad_token:
         tok.add_special_tokens({"pad_token": pad_token})
     elif tok.pad_token is None:
@@ -57,6 +61,16 @@ def load_tokenizer(path: str, pad_token: str | None = None, chat_template: str |
     elif not tok.chat_template:
         tok.chat_template = REFERENCE_CHATML
     return tok
+
+
+def _unloadable(path: str, e: Exception) -> str:
+    names = sorted(os.listdir(path)) if os.path.isdir(path) else []
+    has = (f"it holds {', '.join(names[:8])}{', ...' if len(names) > 8 else ''}" if names
+           else "it is empty")
+    why = (str(e).strip().splitlines() or [""])[0].rstrip(" :")
+    return (f"--tokenizer {path}: no Hugging Face tokenizer loads from this directory ({has}; "
+            f"one needs tokenizer.json or the vocabulary files its tokenizer_config.json names): "
+            f"{type(e).__name__}: {why}")
 
 
 def tokenizer_fingerprint(path: str, tok) -> str:

@@ -258,8 +258,19 @@ class SFTWriter:
         for f in (self._bin, self._rejects):
             if f is not None and not f.closed:
                 f.close()
-        for s in list(SUFFIXES) + [REJECTS, MANIFEST]:
-            if os.path.exists(self.tmp + s):
-                os.remove(self.tmp + s)
-        if self._spill:
-            shutil.rmtree(self._spill, ignore_errors=True)
+        remove_temporary(self.temporary_paths())
+
+    def temporary_paths(self) -> list[str]:
+        """Every path this run may leave behind until it publishes (files, then the spill
+        directory). The writer runs on the driver's node, so the driver can delete them itself
+        when the writer died before it could."""
+        return [self.tmp + s for s in list(SUFFIXES) + [REJECTS, MANIFEST]] + (
+            [self._spill] if self._spill else [])
+
+
+def remove_temporary(paths: list[str]) -> None:
+    for path in paths:
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.exists(path):
+            os.remove(path)
