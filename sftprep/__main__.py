@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from sftprep import idxmap, view
@@ -14,19 +15,32 @@ def main(argv: list[str] | None = None) -> int:
     for name, help in (("inspect", "print documents decoded, trained text marked"),
                        ("verify", "check every invariant of the SFT layout")):
         c = sub.add_parser(name, help=help)
-        c.add_argument("prefix", help="the files' prefix, e.g. output/demo_text_document")
+        c.add_argument("prefix", help="the files' prefix, e.g. output/demo_text_document "
+                       "(the build's --output-prefix, or a file's name, works too)")
         c.add_argument("--tokenizer", help="tokenizer directory (default: the manifest's)")
         if name == "inspect":
             c.add_argument("--doc", type=int, action="append",
                            help="document index (repeatable; default: 0)")
             c.add_argument("--color", action=argparse.BooleanOptionalAction, default=None)
     args = p.parse_args(argv)
-    tok_path = args.tokenizer or view.manifest_of(args.prefix).get("tokenizer", {}).get("path")
+    try:
+        args.prefix = view.find_prefix(args.prefix)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    manifest_tok = view.manifest_of(args.prefix).get("tokenizer", {})
+    tok_path = args.tokenizer or manifest_tok.get("path")
     tok = None
     if tok_path:
+        from sftprep.config import ConfigError
         from sftprep.template import load_tokenizer
-        manifest_pad = view.manifest_of(args.prefix).get("tokenizer", {}).get("pad_token")
-        tok = load_tokenizer(tok_path, manifest_pad)
+        try:
+            tok = load_tokenizer(tok_path, manifest_tok.get("pad_token"))
+        except (ConfigError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     try:
         if args.command == "verify":
             figures = view.verify(args.prefix, tok)

@@ -80,11 +80,12 @@ def ensure_ray(verbose: bool = False) -> None:
     A local runtime starts without the dashboard: a dozen processes, ~1 GB of RSS and CPU
     that a one-machine build wants for tokenizing (a cluster keeps its own).
     Unless ``verbose``, the workers' and Ray's own processes' output stays in the session's log
-    files instead of being copied to the driver's terminal, and Ray Data prints warnings only
-    (its log file in the session keeps everything).
+    files instead of being copied to the driver's terminal, Ray's driver logger prints errors
+    only and Ray Data's console warnings only (its log file in the session keeps everything).
     """
     if not ray.is_initialized():
-        ray.init(log_to_driver=verbose, logging_level=logging.WARNING, include_dashboard=False)
+        ray.init(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR,
+                 include_dashboard=False)
     for handler in logging.getLogger("ray.data").handlers:
         if handler.name == "console":
             handler.setLevel(logging.INFO if verbose else logging.WARNING)
@@ -229,16 +230,21 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
     try:
         in_flight: deque = deque()
         last_report = None  # the first block written is reported, then every PROGRESS_SECONDS
+
+        def wait_until(left: int) -> None:
+            nonlocal last_report
+            while len(in_flight) > left:
+                progress = ray.get(in_flight.popleft())
+                if on_progress and (last_report is None
+                                    or time.time() - last_report > PROGRESS_SECONDS):
+                    on_progress({**progress, "seconds": time.time() - started})
+                    last_report = time.time()
+
         for bundle in tokenized_dataset(config, files).iter_internal_ref_bundles():
             for block_ref in bundle.block_refs:
                 in_flight.append(writer.consume.remote(block_ref))
-                while len(in_flight) > MAX_BLOCKS_IN_FLIGHT:
-                    progress = ray.get(in_flight.popleft())
-                    if on_progress and (last_report is None
-                                        or time.time() - last_report > PROGRESS_SECONDS):
-                        on_progress({**progress, "seconds": time.time() - started})
-                        last_report = time.time()
-        ray.get(list(in_flight))
+                wait_until(MAX_BLOCKS_IN_FLIGHT)
+        wait_until(0)
         elapsed = time.time() - started
         extra = {
             "sftprep_version": sftprep.__version__,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+PAD_ADVICE = 0.5  # without packing, a pad fraction above this gets the advice to pack
+
 
 def _n(x) -> str:
     return f"{x:,}" if isinstance(x, int) else str(x)
@@ -29,6 +31,12 @@ def summary_text(manifest: dict) -> str:
         f"packing efficiency  {s['packing_efficiency']:.2%} "
         f"({s['samples_per_document_mean']} samples/document, max {s['samples_per_document_max']})",
     ]
+    if s.get("bfd_documents") is not None and s["pad_fraction"] > PAD_ADVICE:
+        lines.append(f"advice              {s['pad_fraction']:.0%} of the file is padding: "
+                     f"--packing bfd would write {_n(s['bfd_documents'])} documents instead "
+                     f"of {_n(s['documents'])};\n                    train those with the "
+                     "packed settings (MP_SFT_PACKING=true, --reset-position-ids, "
+                     "micro-batch size 1)")
     if s.get("elapsed_seconds"):
         lines.append(f"time                {s['elapsed_seconds']:.1f}s, "
                      f"{s['tokens_per_second']:,} tokens/s "

@@ -14,6 +14,29 @@ TRAINED = ("\x1b[32m", "\x1b[0m")  # green on a terminal
 TRAINED_PLAIN = ("⟦", "⟧")
 
 
+def find_prefix(given: str) -> str:
+    """The files' prefix for what a person typed: the prefix itself, the build's
+    ``--output-prefix`` (without ``_text_document``), or one of the files' names."""
+    stem = given
+    for suffix in (".bin", ".idx", MANIFEST, ".rejects.jsonl"):
+        if stem.endswith(suffix):
+            stem = stem[:-len(suffix)]
+            break
+    tried = [stem] if stem.endswith("_text_document") else [stem, stem + "_text_document"]
+    for prefix in tried:
+        if os.path.exists(idxmap.idx_path(prefix)) and os.path.exists(idxmap.bin_path(prefix)):
+            return prefix
+    looked = " and ".join(f"{p}.bin/.idx" for p in tried)
+    folder = os.path.dirname(stem) or "."
+    found = sorted({n[:-4] for n in os.listdir(folder) if n.endswith(".idx")}) \
+        if os.path.isdir(folder) else []
+    hint = (f"prefixes there: {', '.join(os.path.join(folder, n) for n in found[:5])}" if found
+            else f"no .idx files in {folder}" if os.path.isdir(folder)
+            else f"{folder} does not exist")
+    raise FileNotFoundError(f"{given}: looked for {looked}; {hint} (give the prefix the build "
+                            "printed after 'output', e.g. output/demo_text_document)")
+
+
 def manifest_of(prefix: str) -> dict:
     path = prefix + MANIFEST
     if os.path.exists(path):

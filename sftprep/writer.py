@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 
 from sftprep import idxmap
-from sftprep.packing import Document, Piece, make_packer
+from sftprep.packing import BestFitPacker, Document, Piece, make_packer
 from sftprep.storage import filesystem, is_remote, upload
 from sftprep.tokenize import DROPPED, OK, REJECTED
 
@@ -59,6 +59,10 @@ class SFTWriter:
         self.on_error = on_error
         self.storage_options = storage_options
         self.packer = make_packer(packing, seq_length, pack_window)
+        # Without packing, what bfd would have made of the same samples, on their lengths alone
+        # (memory: one window of lengths): the summary's advice when most slots are padding.
+        self._bfd = BestFitPacker(seq_length, pack_window) if packing == "none" else None
+        self.bfd_documents = 0
         self.remote = is_remote(document_prefix)
         run = uuid.uuid4().hex[:8]
         if self.remote:
@@ -138,6 +142,9 @@ class SFTWriter:
     def _close_group(self) -> None:
         if self._group:
             self._pending_docs.extend(self.packer.add(self._group))
+            if self._bfd is not None:
+                self.bfd_documents += _count(self._bfd.add([Piece(p.length)
+                                                            for p in self._group]))
         self._group = []
 
     def _write_pending(self) -> None:
@@ -175,6 +182,8 @@ class SFTWriter:
         t0 = time.perf_counter()
         self._close_group()
         self._pending_docs.extend(self.packer.flush())
+        if self._bfd is not None:
+            self.bfd_documents += _count(self._bfd.flush())
         self._write_pending()
         self._bin.close()
         with open(self.tmp + ".idx", "wb") as f:
@@ -226,6 +235,7 @@ class SFTWriter:
             "writer_seconds": round(self.write_seconds, 3),
             "writer_tokens_per_second": round(self.c["tokens"] / self.write_seconds)
             if self.write_seconds else None,
+            **({"bfd_documents": self.bfd_documents} if self._bfd is not None else {}),
         }
 
     def _publish(self) -> None:
@@ -266,6 +276,10 @@ class SFTWriter:
         when the writer died before it could."""
         return [self.tmp + s for s in list(SUFFIXES) + [REJECTS, MANIFEST]] + (
             [self._spill] if self._spill else [])
+
+
+def _count(documents) -> int:
+    return sum(1 for _ in documents)
 
 
 def remove_temporary(paths: list[str]) -> None:

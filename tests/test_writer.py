@@ -121,3 +121,31 @@ def test_publish_replaces_the_index_first_and_leaves_no_temporaries(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["o_text_document.bin", "o_text_document.idx",
                                             "o_text_document.manifest.json"]
     assert len(IndexedReader(str(prefix))) == 1
+
+
+def test_without_packing_the_summary_says_what_bfd_would_write(tmp_path):
+    """``bfd_documents`` is what a bfd build of the same samples writes, and the summary
+    advises packing when most of the file is padding."""
+    from sftprep.report import summary_text
+    rng = np.random.default_rng(5)
+    rows, line = [], 0
+    for line in range(1, 120):
+        for k in range(1 if line % 4 else 3):  # every fourth line a pre-packed list of three
+            ids, labels = sample(int(rng.integers(2, S // 3)), line * 10 + k)
+            rows.append({"file": 0, "line": line, "sample": k, "input_ids": ids,
+                         "labels": labels})
+    summaries = {}
+    for mode in ("none", "bfd"):
+        w = SFTWriter(str(tmp_path / f"{mode}_text_document"), ["data.jsonl"], S, PAD,
+                      packing=mode, pack_window=16)
+        for at in range(0, len(rows), 50):
+            w.consume(table(rows[at:at + 50]))
+        summaries[mode] = w.finish({})
+    none, bfd = summaries["none"]["summary"], summaries["bfd"]["summary"]
+    assert none["bfd_documents"] == bfd["documents"] < none["documents"]
+    assert "bfd_documents" not in bfd
+    text = summary_text(summaries["none"])
+    assert none["pad_fraction"] > 0.5
+    assert (f"--packing bfd would write {bfd['documents']} documents instead of "
+            f"{none['documents']}") in text and "MP_SFT_PACKING=true" in text
+    assert "advice" not in summary_text(summaries["bfd"])
