@@ -80,15 +80,15 @@ def ensure_ray(verbose: bool = False) -> None:
     A local runtime starts without the dashboard: a dozen processes, ~1 GB of RSS and CPU
     that a one-machine build wants for tokenizing (a cluster keeps its own).
     Unless ``verbose``, the workers' and Ray's own processes' output stays in the session's log
-    files instead of being copied to the driver's terminal, Ray's driver logger prints errors
-    only and Ray Data's console warnings only (its log file in the session keeps everything).
+    files instead of being copied to the driver's terminal, and Ray's and Ray Data's loggers
+    print errors only (Ray Data's log file in the session keeps everything).
     """
     if not ray.is_initialized():
         ray.init(log_to_driver=verbose, logging_level=logging.INFO if verbose else logging.ERROR,
                  include_dashboard=False)
     for handler in logging.getLogger("ray.data").handlers:
         if handler.name == "console":
-            handler.setLevel(logging.INFO if verbose else logging.WARNING)
+            handler.setLevel(logging.INFO if verbose else logging.ERROR)
 
 
 class RuntimeLost(RuntimeError):

@@ -1,4 +1,6 @@
-"""An interrupted build never leaves a .bin/.idx pair that looks complete."""
+"""An interrupted build never leaves a .bin/.idx pair that looks complete, and says so in one
+line: Ctrl-C (SIGINT) exits 130 having removed its files; a local Ray runtime killed from
+outside ends the build at once with exit 1."""
 
 from __future__ import annotations
 
@@ -9,21 +11,35 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from fixtures import alpaca_samples, write_jsonl
 from test_jobs import ENV, ROOT
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
-def test_interrupted_build_leaves_no_complete_looking_output(qwen_dir, tmp_path, sig):
+def runtime_processes(pid: int) -> list[psutil.Process]:
+    """The GCS and raylet of the local runtime the build at ``pid`` started."""
+    found = []
+    for p in psutil.Process(pid).children(recursive=True):
+        try:
+            if p.name() in ("gcs_server", "raylet"):
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGKILL", "runtime killed"])
+def test_interrupted_build_leaves_no_complete_looking_output(qwen_dir, tmp_path, how):
     data = write_jsonl(tmp_path / "t.jsonl", alpaca_samples(3000, seed=4))
     prefix = tmp_path / "out"
     proc = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "jobs", "build.py"), "--input", data,
          "--tokenizer", qwen_dir, "--seq-length", "256", "--output-prefix", str(prefix),
          "--workers", "1", "--batch-size", "16", "--block-records", "32", "--no-progress"],
-        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
     try:
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None:
@@ -32,8 +48,16 @@ def test_interrupted_build_leaves_no_complete_looking_output(qwen_dir, tmp_path,
                 break
             time.sleep(0.1)
         assert proc.poll() is None, "the build finished before it could be interrupted"
-        os.kill(proc.pid, sig)
-        proc.wait(timeout=120)
+        if how == "runtime killed":
+            targets = runtime_processes(proc.pid)
+            assert {p.name() for p in targets} == {"gcs_server", "raylet"}
+            for p in targets:
+                p.kill()
+        else:
+            os.kill(proc.pid, getattr(signal, how))
+        killed = time.time()
+        _, stderr = proc.communicate(timeout=120)
+        took = time.time() - killed
     finally:  # the driver's local Ray processes share its process group
         time.sleep(2)
         try:
@@ -43,5 +67,12 @@ def test_interrupted_build_leaves_no_complete_looking_output(qwen_dir, tmp_path,
     left = sorted(os.path.basename(p) for p in glob.glob(f"{prefix}*"))
     assert not any(n.endswith(("_text_document.bin", "_text_document.idx", ".manifest.json"))
                    for n in left), left
-    if sig == signal.SIGINT:  # a clean interrupt also removes the temporary files
-        assert left == []
+    if how == "SIGKILL":
+        return
+    assert left == []  # the temporary files are gone too
+    if how == "SIGINT":
+        assert (proc.returncode, stderr) == (130, "interrupted; nothing written\n")
+    else:  # not the minute Ray's core waits for a lost GCS before it ends the process
+        assert proc.returncode == 1 and took < 30, (proc.returncode, took)
+        assert stderr == ("error: the local Ray runtime stopped during the build "
+                          "(gcs_server exited); nothing written\n"), stderr
