@@ -337,13 +337,28 @@ def run(config: StatsConfig) -> dict:
     if config.template.tokenizer:
         stats.update(token_stats(lengths, config, collector.dropped_reasons))
     if out_dir:
+        plot = bool(config.template.tokenizer)
+        if plot and not _have_matplotlib():
+            plot = False
+            stats["notes"] = [f"{HISTOGRAM} not drawn: the plot needs matplotlib "
+                              "(pip install 'sftprep[stats]'); everything else is in "
+                              f"{STATS_JSON}"]
         with open(os.path.join(out_dir, STATS_JSON), "w", encoding="utf-8") as f:
             json.dump(stats, f, indent=2, ensure_ascii=False)
-        if config.template.tokenizer:
+        if plot:
             histogram(lengths.tokens, stats, os.path.join(out_dir, HISTOGRAM))
         stats["files"] = sorted(os.path.join(out_dir, n) for n in os.listdir(out_dir)
                                 if n in (STATS_JSON, HISTOGRAM, BAD_RECORDS))
     return stats
+
+
+def _have_matplotlib() -> bool:
+    """matplotlib is the ``stats`` extra's, not a dependency: without it only the plot is lost."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def histogram(tokens: np.ndarray, stats: dict, path: str) -> None:
@@ -398,6 +413,7 @@ def summary_text(stats: dict) -> str:
                      f"(longest sample {stats['tokens']['total'].get('max', 0):,} tokens)")
     for path in stats.get("files", []):
         lines.append(f"wrote {path}")
+    lines += [f"note: {note}" for note in stats.get("notes", [])]
     return "\n".join(lines)
 
 

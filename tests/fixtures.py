@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+
+import pytest
+
+# The public demo files (LLaMA-Factory's data/) live outside the repository; only the tests that
+# check figures of those very files need them.
+SHARED_DATA = os.environ.get("SFTPREP_SHARED_DATA") or os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data")
 
 TOPICS_EN = ["the water cycle", "binary search", "photosynthesis", "the French revolution",
              "compound interest", "TCP handshakes", "sourdough bread", "black holes"]
@@ -49,3 +57,15 @@ def write_jsonl(path, lines: list) -> str:
         for line in lines:
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
     return str(path)
+
+
+def shared_file(name: str) -> str:
+    return os.path.join(SHARED_DATA, name)
+
+
+def needs_shared(*names: str):
+    """Skip, saying which public file is missing and where the test looks for it."""
+    missing = [n for n in names if not os.path.exists(shared_file(n))]
+    return pytest.mark.skipif(bool(missing), reason=(
+        f"needs the public file(s) {', '.join(missing)} (LLaMA-Factory's data/ folder) in "
+        f"{os.path.normpath(SHARED_DATA)}; set SFTPREP_SHARED_DATA to their folder"))

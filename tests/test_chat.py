@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
+from fixtures import needs_shared, shared_file
 from sftprep.demo import CHAT
 from sftprep.idxmap import IndexedReader
 from sftprep.view import describe_document, sample_runs
 from test_pipeline import build
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-CHAT_FILES = [os.path.join(SHARED, n) for n in ("glaive_toolcall_en_demo.json",
-                                                "v1_sft_demo.jsonl")]
+PUBLIC_CHATS = ("glaive_toolcall_en_demo.json", "v1_sft_demo.jsonl")
 
 
 def trained_runs(reader: IndexedReader, tok) -> list[str]:
@@ -27,24 +24,31 @@ def trained_runs(reader: IndexedReader, tok) -> list[str]:
     return texts
 
 
-def test_chat_demo_trains_exactly_the_assistant_turns(ray_session, qwen_dir, qwen, tmp_path):
+@pytest.mark.parametrize("tool_calls", [True, False])
+def test_chat_demo_trains_exactly_the_assistant_turns(ray_session, qwen_dir, qwen, tmp_path,
+                                                      tool_calls):
     manifest = build([CHAT], qwen_dir, tmp_path / "chat", template__seq_length=2048,
-                     packing__mode="bfd", run__workers=2)
+                     packing__mode="bfd", run__workers=2, template__train_tool_calls=tool_calls)
     s = manifest["summary"]
-    assert s["rejected_records"] == 0 and s["dropped_samples"] == 0
+    assert s["rejected_records"] == 0
+    assert s["samples_written"] + s["dropped_samples"] == s["samples_in"]
     reader = IndexedReader(str(tmp_path / "chat_text_document"))
     runs = trained_runs(reader, qwen)
-    assert len(runs) > s["samples_written"]  # multi-turn: more trained turns than samples
     assert all(r.startswith("<|im_start|>assistant\n") and r.endswith("<|im_end|>\n")
                for r in runs)
     assert not any("<|im_start|>user" in r or "<|im_start|>system" in r for r in runs)
-    shown = describe_document(reader, 0, qwen, color=False)
-    assert "trained in" in shown and "⟦<|im_start|>assistant" in shown
+    # the demo's tool-calling turns are trained, or none of them is
+    assert any("<tool_call>" in r for r in runs) == tool_calls
+    if tool_calls:
+        assert s["dropped_samples"] == 0
+        assert len(runs) > s["samples_written"]  # multi-turn: more trained turns than samples
+        shown = describe_document(reader, 0, qwen, color=False)
+        assert "trained in" in shown and "⟦<|im_start|>assistant" in shown
 
 
-@pytest.mark.skipif(not all(map(os.path.exists, CHAT_FILES)), reason="no ../shared/data")
+@needs_shared(*PUBLIC_CHATS)
 def test_public_sharegpt_tool_calls_and_messages_files(ray_session, qwen_dir, qwen, tmp_path):
-    manifest = build(CHAT_FILES, qwen_dir, tmp_path / "pub", template__seq_length=4096,
+    manifest = build([shared_file(n) for n in PUBLIC_CHATS], qwen_dir, tmp_path / "pub", template__seq_length=4096,
                      packing__mode="bfd", run__workers=2, template__train_tool_calls=False)
     s = manifest["summary"]
     assert s["samples_in"] == 800 and s["rejected_records"] == 0

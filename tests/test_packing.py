@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 
 import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fixtures import needs_shared, shared_file
+from sftprep.demo import ALPACA, CHAT, qwen_tokenizer_dir
 from sftprep.packing import MODES, BestFitPacker, GreedyPacker, Piece, make_packer
 from sftprep.tokenize import Tokenize, TokenizeSpec
 
@@ -98,23 +99,41 @@ def test_oversized_sample_is_an_error():
             list(packer.add([Piece(S + 1)]))
 
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
-
-
-@pytest.mark.skipif(not os.path.isdir(SHARED), reason="../shared/data is not beside the repo")
-def test_bfd_reaches_99_percent_on_the_alpaca_demo_files_at_2048(qwen_dir):
+def demo_lengths(paths: list[str], S: int) -> list[list[int]]:
+    """Token lengths of the real tokenizer stage, grouped by input line (a list line is a
+    pre-packed group), for JSON Lines or JSON array files."""
     raw = []
-    for name in ("alpaca_en_demo.json", "alpaca_zh_demo.json"):
-        with open(os.path.join(SHARED, name), encoding="utf-8") as f:
-            raw += [json.dumps(x, ensure_ascii=False).encode() for x in json.load(f)]
-    rows = Tokenize(TokenizeSpec(qwen_dir, 2048, pad_token="<|extra_0|>"))(
+    for p in paths:
+        with open(p, encoding="utf-8") as f:
+            raw += ([json.dumps(x, ensure_ascii=False).encode() for x in json.load(f)]
+                    if p.endswith(".json") else [line.encode() for line in f if line.strip()])
+    rows = Tokenize(TokenizeSpec(qwen_tokenizer_dir(), S, pad_token="<|extra_0|>"))(
         pa.table({"file": pa.array([0] * len(raw), pa.int32()),
                   "line": pa.array(range(1, len(raw) + 1), pa.int64()),
                   "text": pa.array(raw, pa.binary())}))
-    lengths = [len(x) for x in rows["input_ids"].to_pylist()]
-    efficiency = {}
-    for mode in MODES:
-        docs = pack(mode, [[n] for n in lengths], window=2000, seq_length=2048)
-        efficiency[mode] = sum(lengths) / (len(docs) * 2048)
+    groups: dict[int, list[int]] = {}
+    for line, ids in zip(rows["line"].to_pylist(), rows["input_ids"].to_pylist()):
+        if ids:
+            groups.setdefault(line, []).append(len(ids))
+    return list(groups.values())
+
+
+def test_bfd_makes_the_fewest_documents_on_the_demo_files():
+    """On the demo the repo ships (Alpaca and chats, pre-packed lines, real tokenizer), bfd
+    fills every document but the last at 1024 and 2048; sequential, the reference, does not."""
+    for S in (1024, 2048):
+        groups = demo_lengths([ALPACA, CHAT], S)
+        total = sum(map(sum, groups))
+        docs = {mode: len(pack(mode, groups, window=2000, seq_length=S)) for mode in MODES}
+        assert docs["bfd"] == -(-total // S) < docs["sequential"] < docs["none"], (S, docs)
+
+
+@needs_shared("alpaca_en_demo.json", "alpaca_zh_demo.json")
+def test_bfd_reaches_99_percent_on_the_alpaca_demo_files_at_2048():
+    groups = demo_lengths([shared_file("alpaca_en_demo.json"),
+                           shared_file("alpaca_zh_demo.json")], 2048)
+    total = sum(map(sum, groups))
+    efficiency = {mode: total / (len(pack(mode, groups, window=2000, seq_length=2048)) * 2048)
+                  for mode in MODES}
     assert efficiency["bfd"] >= 0.99
     assert 0.93 < efficiency["sequential"] < 0.95  # the reference's greedy mode: about 94%

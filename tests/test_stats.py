@@ -9,12 +9,11 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from fixtures import alpaca_samples, lines_with_groups, write_jsonl
+from fixtures import alpaca_samples, lines_with_groups, needs_shared, shared_file, write_jsonl
 from sftprep import pipeline, stats
 from sftprep.config import BuildConfig, load
 from sftprep.tokenize import OK, REJECTED, TokenizeSpec
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
 CHAT = {"messages": [{"role": "system", "content": "Be brief."},
                      {"role": "user", "content": [{"type": "text", "text": "Hi "},
                                                   {"type": "text", "text": "there"}]},
@@ -138,11 +137,11 @@ def test_stage_lengths_and_the_drop_rule_at_other_lengths(qwen_dir):
     assert not lengths[256].ok[3] and lengths[512].ok[3]
 
 
-@pytest.mark.skipif(not os.path.isdir(SHARED), reason="no ../shared/data")
+@needs_shared("alpaca_en_demo.json", "alpaca_zh_demo.json")
 def test_reference_numbers_on_the_shared_alpaca_demo(ray_session, tmp_path):
     for name, count, mean, top in (("alpaca_en_demo.json", 999, 787.41, 2921),
                                    ("alpaca_zh_demo.json", 1000, 217.13, 1229)):
-        chars = run_stats([os.path.join(SHARED, name)], tmp_path)["chars"]
+        chars = run_stats([shared_file(name)], tmp_path)["chars"]
         assert (chars["count"], round(chars["mean"], 2), chars["max"]) == (count, mean, top)
 
 
@@ -155,3 +154,21 @@ def test_help_comes_from_the_config_metadata():
     config = cli.parse(stats.StatsConfig, "stats", ["--input", "x.jsonl", "--seq-length", "4096"])
     assert config.template.tokenizer is None and config.template.seq_length == 4096
     assert config.source.on_error == "skip" and config.output.ladder == stats.LADDER
+
+
+def test_without_matplotlib_only_the_plot_is_skipped(ray_session, qwen_dir, tmp_path,
+                                                     monkeypatch):
+    """matplotlib comes with the ``stats`` extra only: without it the JSON and the table are
+    written and the summary says why there is no plot."""
+    import sys
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    path = write_jsonl(tmp_path / "t.jsonl", alpaca_samples(8, seed=3))
+    result = run_stats([path], tmp_path, template__tokenizer=qwen_dir, run__workers=1)
+    assert sorted(os.listdir(tmp_path / "stats")) == [stats.STATS_JSON]
+    saved = json.loads((tmp_path / "stats" / stats.STATS_JSON).read_text(encoding="utf-8"))
+    assert saved["packing"]["bfd"]["docs"] >= 1 and saved["notes"] == result["notes"]
+    text = stats.summary_text(result)
+    assert "bfd docs" in text
+    assert text.splitlines()[-1] == (f"note: {stats.HISTOGRAM} not drawn: the plot needs "
+                                     "matplotlib (pip install 'sftprep[stats]'); everything "
+                                     f"else is in {stats.STATS_JSON}")
