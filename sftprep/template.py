@@ -48,6 +48,11 @@ def load_tokenizer(path: str, pad_token: str | None = None, chat_template: str |
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
     except Exception as e:  # transformers raises ValueError, OSError, JSON and key errors here
         raise ConfigError(_unloadable(path, e)) from None
+    if not getattr(tok, "is_fast", False):  # transformers 4.x falls back to a Python tokenizer
+        raise ConfigError(f"--tokenizer {path}: transformers loaded only a slow (Python) "
+                          f"{type(tok).__name__}; sftprep encodes with the fast one: give a "
+                          "directory with tokenizer.json, or install sentencepiece (or "
+                          "tiktoken) so transformers can convert this one")
     if pad_token:
         tok.add_special_tokens({"pad_token": pad_token})
     elif tok.pad_token is None:
