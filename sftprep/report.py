@@ -10,10 +10,10 @@ def _n(x) -> str:
 
 
 def progress_line(p: dict) -> str:
-    rate = p["tokens"] / p["seconds"] if p.get("seconds") else 0
-    return (f"[sftprep] {_n(p['records'])} records, {_n(p['samples'])} samples -> "
-            f"{_n(p['documents'])} documents, {_n(p['tokens'])} tokens "
-            f"({rate:,.0f} tokens/s, {p.get('seconds', 0):.0f}s)")
+    """Tokens per second would mislead here: a packer may hold a window of samples unwritten."""
+    return (f"[sftprep] {p.get('seconds', 0):.0f}s: {_n(p['records'])} records, "
+            f"{_n(p['samples'])} samples in; {_n(p['documents'])} documents, "
+            f"{_n(p['tokens'])} tokens written")
 
 
 def summary_text(manifest: dict) -> str:
