@@ -77,13 +77,16 @@ def quiet() -> None:
 
     transformers: its advisories ("PyTorch was not found") and warnings, here and in every
     process started from here (set before transformers is imported; the tokenizer actors get
-    the same through ``pipeline``). Ray: the driver's Python loggers print warnings only,
-    Ray Data's console handler too (its file log keeps everything), and the native core's
-    lines are dropped from stderr (they are in the session's python-core-driver log).
+    the same through ``pipeline.worker_env``). Ray's native core: its lines are dropped from
+    stderr (they are in the session's python-core-driver log). Ray's Python loggers and the
+    workers' output: ``pipeline.ensure_ray``.
     """
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     _filter_native_stderr()
+
+
+_restore: list = []  # (the terminal's fd, the filter thread) to undo at exit
 
 
 def _filter_native_stderr() -> None:
@@ -102,9 +105,6 @@ def _filter_native_stderr() -> None:
     thread = threading.Thread(target=pump, name="stderr-filter", daemon=True)
     thread.start()
     _restore.append((terminal, thread))
-
-
-_restore: list = []
 
 
 def _flush_stderr() -> None:

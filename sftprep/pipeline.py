@@ -96,23 +96,27 @@ class RuntimeLost(RuntimeError):
 
 
 class LocalRuntimeWatch:
-    """While active, watch the processes of a local Ray runtime that this driver started.
+    """Between start and stop, watch the GCS and raylet of a local runtime this driver started.
 
     Killed from outside, the runtime leaves the driver blocked in Ray calls until Ray's core
     gives up on its GCS a minute later and ends the process without a word. Instead, the
-    moment one of its processes exits, ``lost`` names it and the main thread is interrupted.
+    moment either exits, ``lost`` names it and the main thread is interrupted.
     A cluster this driver joined (``ray job submit``) is not ours to watch.
     """
+
+    WATCHED = ("gcs_server", "raylet")
 
     def __init__(self, interval: float = 0.5):
         self.interval = interval
         self.lost: str | None = None
         self._stop = threading.Event()
         node = ray._private.worker._global_node  # set only when this process started Ray
-        self._node = node if node is not None and node.live_processes() else None
+        running = node.all_processes if node is not None else {}
+        self._processes = [(kind, info.process) for kind in self.WATCHED
+                           for info in running.get(kind, []) if info.process.poll() is None]
 
     def start(self) -> "LocalRuntimeWatch":
-        if self._node is not None:
+        if self._processes:
             threading.Thread(target=self._watch, name="ray-runtime-watch", daemon=True).start()
         return self
 
@@ -121,11 +125,11 @@ class LocalRuntimeWatch:
 
     def _watch(self) -> None:
         while not self._stop.wait(self.interval):
-            dead = self._node.dead_processes()
-            if dead:
-                self.lost = dead[0][0]
-                _thread.interrupt_main()
-                return
+            for kind, process in self._processes:
+                if process.poll() is not None:
+                    self.lost = kind
+                    _thread.interrupt_main()
+                    return
 
 
 def abandon_local_runtime() -> None:
