@@ -49,3 +49,16 @@ def write_jsonl(path, lines: list) -> str:
         for line in lines:
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
     return str(path)
+
+
+def record_batch(raw: list[bytes], end: bool = False):
+    """Read-stage rows (``sources.SCHEMA``) of one task holding ``raw`` on lines 1, 2, ...;
+    with ``end``, the task's end row too."""
+    import pyarrow as pa
+    from sftprep.sources import SCHEMA
+    n = len(raw)
+    return pa.table({"task": pa.array([0] * (n + end), pa.int32()),
+                     "file": pa.array([0] * (n + end), pa.int32()),
+                     "line": pa.array(list(range(1, n + 1)) + [n] * end, pa.int64()),
+                     "element": pa.array([-1] * (n + end), pa.int32()),
+                     "text": pa.array(list(raw) + [None] * end, pa.binary())}, schema=SCHEMA)
