@@ -193,3 +193,39 @@ def test_split_reads_give_the_unsplit_bytes_and_lines(stage, split_input, tmp_pa
 def test_split_reads_fail_at_the_true_line(stage, split_input, tmp_path):
     with pytest.raises(BadRecordError, match=r"s\.jsonl:6: truncated JSON"):
         write_split(stage, split_input, 300, str(tmp_path / "o"), "bfd", on_error="fail")
+
+
+# -- one big file, many read tasks, on Ray -------------------------------------------------------
+
+BIG_BYTES = 210_000_000
+BIG_RECORDS = 12_000
+
+
+def test_a_200_mb_file_is_read_by_many_tasks_with_the_unsplit_bytes_and_true_lines(
+        ray_session, qwen_dir, tmp_path):
+    """Records short enough to tokenize quickly, each followed by a long blank line (lines the
+    readers must count and skip, ~17 KB), so the file is large where the build is cheap; one
+    record deep inside is cut short. The default split gives the 2-CPU runtime >= 4 tasks."""
+    filler = " " * (BIG_BYTES // BIG_RECORDS)
+    bad = BIG_RECORDS * 3 // 4
+    lines = []
+    for i in range(BIG_RECORDS):
+        lines.append('{"instruction": "cut' if i == bad else
+                     f'{{"instruction": "Say {i}", "output": "{i} {"ok " * (i % 7)}"}}')
+        lines.append(filler)
+    path = tmp_path / "big.jsonl"
+    path.write_bytes("\n".join(lines).encode())
+    assert path.stat().st_size >= 200_000_000
+
+    options = dict(packing__mode="bfd", template__seq_length=64, source__on_error="skip",
+                   run__workers=2, run__block_records=1024)
+    split = build([str(path)], qwen_dir, tmp_path / "split", **options)
+    whole = build([str(path)], qwen_dir, tmp_path / "whole", source__split_bytes=0, **options)
+    assert split["inputs"][0]["read_tasks"] >= 4 and whole["inputs"][0]["read_tasks"] == 1
+    assert read(tmp_path / "split") == read(tmp_path / "whole")
+    rejects = (tmp_path / "split_text_document.rejects.jsonl").read_bytes()
+    assert rejects == (tmp_path / "whole_text_document.rejects.jsonl").read_bytes()
+    [entry] = [json.loads(x) for x in rejects.splitlines()]
+    assert (entry["line"], entry["reason"]) == (2 * bad + 1, "truncated JSON")
+    assert split["summary"]["records"] == BIG_RECORDS
+    assert split["summary"]["samples_written"] == BIG_RECORDS - 1

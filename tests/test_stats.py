@@ -63,7 +63,7 @@ def test_char_stage_counts_every_sample_and_rejects_bad_lines():
 
 def test_describe_equals_pandas_and_bad_records_are_listed(ray_session, tmp_path):
     path, expected = write_mixed(tmp_path)
-    result = run_stats([path], tmp_path)
+    result = run_stats([path], tmp_path, source__split_bytes=2000)  # lines true across tasks
     want = pd.Series(expected).describe()
     assert result["chars"] == {k: float(v) for k, v in want.items()}
     assert stats.describe_text(result["chars"]) == str(want.astype("float64"))
