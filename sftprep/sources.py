@@ -158,12 +158,13 @@ def read_range(r: ReadRange, task: int, storage_options: dict | None,
         for item in items:
             rows.append(item)
             if len(rows) >= block_records:
-                yield _table(task, r.file, rows)
+                yield record_table(task, r.file, rows)
                 rows = []
-    yield _table(task, r.file, rows)
+    yield record_table(task, r.file, rows)
 
 
-def _table(task: int, file: int, rows: list[tuple[int, int, bytes | None]]) -> pa.Table:
+def record_table(task: int, file: int, rows: list[tuple[int, int, bytes | None]]) -> pa.Table:
+    """Read-stage rows of one task from ``(line, element, text)``; text None: the end row."""
     lines, elements, texts = zip(*rows) if rows else ((), (), ())
     n = len(rows)
     return pa.table([pa.array([task] * n, pa.int32()), pa.array([file] * n, pa.int32()),

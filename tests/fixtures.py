@@ -52,13 +52,8 @@ def write_jsonl(path, lines: list) -> str:
 
 
 def record_batch(raw: list[bytes], end: bool = False):
-    """Read-stage rows (``sources.SCHEMA``) of one task holding ``raw`` on lines 1, 2, ...;
-    with ``end``, the task's end row too."""
-    import pyarrow as pa
-    from sftprep.sources import SCHEMA
-    n = len(raw)
-    return pa.table({"task": pa.array([0] * (n + end), pa.int32()),
-                     "file": pa.array([0] * (n + end), pa.int32()),
-                     "line": pa.array(list(range(1, n + 1)) + [n] * end, pa.int64()),
-                     "element": pa.array([-1] * (n + end), pa.int32()),
-                     "text": pa.array(list(raw) + [None] * end, pa.binary())}, schema=SCHEMA)
+    """Read-stage rows of one task holding ``raw`` on lines 1, 2, ...; with ``end``, the
+    task's end row too."""
+    from sftprep.sources import record_table
+    rows = [(i + 1, -1, text) for i, text in enumerate(raw)]
+    return record_table(0, 0, rows + [(len(raw), -1, None)] * end)
