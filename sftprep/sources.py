@@ -42,6 +42,7 @@ SCHEMA = pa.schema([("task", pa.int32()), ("file", pa.int32()), ("line", pa.int6
 ORIGIN = ("task", "file", "line", "element")  # the columns every later stage carries on
 BOM = b"\xef\xbb\xbf"
 _CHUNK = 1 << 20
+_PARQUET_BATCH = 1024  # rows converted at a time within a row group
 _LEADING = BOM + b" \t\r\n"  # bytes lstrip() removes before a file's first value
 # Default split: about this many read tasks per CPU of the cluster, none smaller than MIN_SPLIT
 # (a small file stays one task: reading is cheap next to tokenizing).
@@ -160,7 +161,8 @@ def read_range(r: ReadRange, task: int, storage_options: dict | None,
             if len(rows) >= block_records:
                 yield record_table(task, r.file, rows)
                 rows = []
-    yield record_table(task, r.file, rows)
+    if rows:
+        yield record_table(task, r.file, rows)
 
 
 def record_table(task: int, file: int, rows: list[tuple[int, int, bytes | None]]) -> pa.Table:
@@ -324,9 +326,6 @@ def _parquet_rows(f: BinaryIO, first_group: int, end_group: int | None
                 yield row, -1, text
                 row += 1
     yield row, -1, None
-
-
-_PARQUET_BATCH = 1024
 
 
 def _drop_nulls(value):

@@ -189,9 +189,9 @@ class Collector:
 
     def add(self, t: pa.Table) -> None:
         status = t["status"]
-        told = t.filter(pc.is_in(status, pa.array([END, REJECTED])))
-        if told.num_rows:  # in input order, so each task's lines are counted before they are used
-            self._told(told)
+        marks = t.filter(pc.is_in(status, pa.array([END, REJECTED])))
+        if marks.num_rows:  # in input order: each task's lines counted before they are used
+            self._ends_and_rejects(marks)
         t = t.filter(pc.not_equal(status, END))
         if t.num_rows == 0:
             return
@@ -212,7 +212,7 @@ class Collector:
         dropped = t.filter(pc.equal(status, DROPPED))
         self.dropped_reasons.update(dropped["reason"].to_pylist())
 
-    def _told(self, rows: pa.Table) -> None:
+    def _ends_and_rejects(self, rows: pa.Table) -> None:
         """Read tasks' ends and rejected records, in input order."""
         for task, f, line, element, status, reason, detail in zip(*(rows[n].to_pylist() for n in (
                 "task", "file", "line", "element", "status", "reason", "detail"))):

@@ -120,23 +120,21 @@ def test_bad_parquet_rows_are_named_by_row_through_the_on_error_policy(ray_sessi
     rows[7]["output"] = None
     path = write_parquet(tmp_path / "t.parquet", rows, row_group_size=3)
     numbers = write_parquet(tmp_path / "u.parquet", [{"instruction": "x", "output": 5}])
+    array = tmp_path / "v.json"  # and a compact array's element, for comparison
+    array.write_text(json.dumps(alpaca_samples(3) + [{"instruction": "no output"}]))
     with pytest.raises(BadRecordError, match=r"t\.parquet:row 7: missing field: 'output'"):
         build([path], qwen_dir, tmp_path / "fail", source__split_bytes=1, run__workers=1)
-    manifest = build([path, numbers], qwen_dir, tmp_path / "skip", source__split_bytes=1,
-                     source__on_error="skip", run__workers=1)
+    manifest = build([path, numbers, str(array)], qwen_dir, tmp_path / "skip",
+                     source__split_bytes=1, source__on_error="skip", run__workers=1)
     assert manifest["inputs"][0]["read_tasks"] == 4
     with open(tmp_path / "skip_text_document.rejects.jsonl", encoding="utf-8") as f:
         rejects = [json.loads(x) for x in f]
-    assert [(r["file"], r["row"], r["reason"]) for r in rejects] == [
-        (path, 7, "missing field"), (numbers, 0, "not a string")]
-    assert "line" not in rejects[0] and json.loads(rejects[0]["text"])["instruction"]
-
-
-def test_compact_array_errors_name_the_element(ray_session, qwen_dir, tmp_path):
-    path = tmp_path / "a.json"
-    path.write_text(json.dumps(alpaca_samples(3) + [{"instruction": "no output"}]))
-    with pytest.raises(BadRecordError, match=r"a\.json:1 element 3: missing field"):
-        build([str(path)], qwen_dir, tmp_path / "out", run__workers=1)
+    assert [{k: r[k] for k in ("file", "row", "line", "element", "reason") if k in r}
+            for r in rejects] == [
+        {"file": path, "row": 7, "reason": "missing field"},
+        {"file": numbers, "row": 0, "reason": "not a string"},
+        {"file": str(array), "line": 1, "element": 3, "reason": "missing field"}]
+    assert json.loads(rejects[0]["text"]) == {k: v for k, v in rows[7].items() if v is not None}
 
 
 # -- splitting, without Ray: the stage and the writer fed task by task ---------------------------

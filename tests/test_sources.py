@@ -97,7 +97,7 @@ def test_read_records_blocks_and_gzip(tmp_path):
     with gzip.open(path, "wt") as f:
         f.writelines(f'{{"i": {i}}}\n' for i in range(10))
     blocks = list(read_range(ReadRange(3, str(path)), 5, None, block_records=4))
-    assert [b.num_rows for b in blocks] == [4, 4, 3]
+    assert [b.num_rows for b in blocks] == [4, 4, 3]  # 10 records and the end row
     rows = [r for b in blocks for r in b.to_pylist()]
     assert rows[0] == {"task": 5, "file": 3, "line": 1, "element": -1, "text": b'{"i": 0}'}
     assert [r["line"] for r in rows] == list(range(1, 11)) + [10]

@@ -115,11 +115,13 @@ def test_a_document_that_breaks_the_contract_is_never_written(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_fail_policy_names_file_and_line(tmp_path):
+@pytest.mark.parametrize("element, where", [(-1, r"data\.jsonl:7"), (3, r"data\.jsonl:7 element 3")])
+def test_fail_policy_names_file_and_line(tmp_path, element, where):
     w = writer(tmp_path)
-    with pytest.raises(BadRecordError, match=r"data\.jsonl:7: invalid JSON: boom"):
-        w.consume(table([{"file": 0, "line": 7, "sample": -1, "status": "rejected",
-                          "reason": "invalid JSON", "detail": "boom", "text": "{"}]))
+    with pytest.raises(BadRecordError, match=where + ": invalid JSON: boom"):
+        w.consume(table([{"file": 0, "line": 7, "element": element, "sample": -1,
+                          "status": "rejected", "reason": "invalid JSON", "detail": "boom",
+                          "text": "{"}]))
 
 
 def test_lines_of_a_split_file_are_counted_across_its_read_tasks(tmp_path):
