@@ -115,7 +115,8 @@ def test_a_document_that_breaks_the_contract_is_never_written(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("element, where", [(-1, r"data\.jsonl:7"), (3, r"data\.jsonl:7 element 3")])
+@pytest.mark.parametrize("element, where", [(-1, r"data\.jsonl:7"),
+                                            (3, r"data\.jsonl:7 element 3")])
 def test_fail_policy_names_file_and_line(tmp_path, element, where):
     w = writer(tmp_path)
     with pytest.raises(BadRecordError, match=where + ": invalid JSON: boom"):
