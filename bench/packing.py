@@ -20,10 +20,9 @@ import os
 import time
 from itertools import groupby
 
-import pyarrow as pa
-
 from sftprep.demo import ALPACA, CHAT, qwen_tokenizer_dir
 from sftprep.packing import Piece, make_packer
+from sftprep.sources import record_table
 from sftprep.tokenize import OK, Tokenize, TokenizeSpec
 
 
@@ -40,9 +39,7 @@ def token_lengths(paths: list[str]) -> tuple[list[list[int]], float]:
     raw = [r for p in paths for r in raw_records(p)]
     stage = Tokenize(TokenizeSpec(qwen_tokenizer_dir(), 1 << 30))
     t0 = time.perf_counter()
-    out = stage(pa.table({"file": pa.array([0] * len(raw), pa.int32()),
-                          "line": pa.array(range(1, len(raw) + 1), pa.int64()),
-                          "text": pa.array(raw, pa.binary())}))
+    out = stage(record_table(0, 0, [(i + 1, -1, text) for i, text in enumerate(raw)]))
     rows = [r for r in out.select(["line", "status", "tokens"]).to_pylist() if r["status"] == OK]
     per_sample = (time.perf_counter() - t0) / len(rows)
     return [[r["tokens"] for r in g] for _, g in groupby(rows, key=lambda r: r["line"])], \

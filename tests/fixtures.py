@@ -69,3 +69,11 @@ def needs_shared(*names: str):
     return pytest.mark.skipif(bool(missing), reason=(
         f"needs the public file(s) {', '.join(missing)} (LLaMA-Factory's data/ folder) in "
         f"{os.path.normpath(SHARED_DATA)}; set SFTPREP_SHARED_DATA to their folder"))
+
+
+def record_batch(raw: list[bytes], end: bool = False):
+    """Read-stage rows of one task holding ``raw`` on lines 1, 2, ...; with ``end``, the
+    task's end row too."""
+    from sftprep.sources import record_table
+    rows = [(i + 1, -1, text) for i, text in enumerate(raw)]
+    return record_table(0, 0, rows + [(len(raw), -1, None)] * end)

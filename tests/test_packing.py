@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 
-import pyarrow as pa
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fixtures import needs_shared, shared_file
+from fixtures import needs_shared, record_batch, shared_file
 from sftprep.demo import ALPACA, CHAT, qwen_tokenizer_dir
 from sftprep.packing import MODES, BestFitPacker, GreedyPacker, Piece, make_packer
 from sftprep.tokenize import Tokenize, TokenizeSpec
@@ -108,9 +107,7 @@ def demo_lengths(paths: list[str], S: int) -> list[list[int]]:
             raw += ([json.dumps(x, ensure_ascii=False).encode() for x in json.load(f)]
                     if p.endswith(".json") else [line.encode() for line in f if line.strip()])
     rows = Tokenize(TokenizeSpec(qwen_tokenizer_dir(), S, pad_token="<|extra_0|>"))(
-        pa.table({"file": pa.array([0] * len(raw), pa.int32()),
-                  "line": pa.array(range(1, len(raw) + 1), pa.int64()),
-                  "text": pa.array(raw, pa.binary())}))
+        record_batch(raw))
     groups: dict[int, list[int]] = {}
     for line, ids in zip(rows["line"].to_pylist(), rows["input_ids"].to_pylist()):
         if ids:
