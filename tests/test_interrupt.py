@@ -47,7 +47,8 @@ def test_interrupted_build_leaves_no_complete_looking_output(qwen_dir, tmp_path,
             if partial and os.path.getsize(partial[0]) > 0:
                 break
             time.sleep(0.1)
-        assert proc.poll() is None, "the build finished before it could be interrupted"
+        assert proc.poll() is None, \
+            f"the build ended before it could be interrupted: {proc.communicate()[1]}"
         if how == "runtime killed":
             targets = runtime_processes(proc.pid)
             assert {p.name() for p in targets} == {"gcs_server", "raylet"}

@@ -180,7 +180,7 @@ def test_without_packing_the_summary_says_what_bfd_would_write(tmp_path):
     advises packing when most of the file is padding."""
     from sftprep.report import summary_text
     rng = np.random.default_rng(5)
-    rows, line = [], 0
+    rows = []
     for line in range(1, 120):
         for k in range(1 if line % 4 else 3):  # every fourth line a pre-packed list of three
             ids, labels = sample(int(rng.integers(2, S // 3)), line * 10 + k)
@@ -192,7 +192,7 @@ def test_without_packing_the_summary_says_what_bfd_would_write(tmp_path):
                       packing=mode, pack_window=16)
         for at in range(0, len(rows), 50):
             w.consume(table(rows[at:at + 50]))
-        summaries[mode] = w.finish({})
+        summaries[mode] = finish(w)
     none, bfd = summaries["none"]["summary"], summaries["bfd"]["summary"]
     assert none["bfd_documents"] == bfd["documents"] < none["documents"]
     assert "bfd_documents" not in bfd
