@@ -86,7 +86,8 @@ def tokenize_spec(config: BuildConfig) -> TokenizeSpec:
     return TokenizeSpec(tokenizer=t.tokenizer, seq_length=t.seq_length, pad_token=t.pad_token,
                         chat_template=t.chat_template, train_on=t.train_on,
                         train_tool_calls=t.train_tool_calls, format=config.source.format,
-                        columns=tuple(sorted(config.source.columns.items())))
+                        columns=tuple(sorted(config.source.columns.items())),
+                        trainer_safe=t.trainer_safe)
 
 
 def cluster_cpus() -> float:
@@ -150,7 +151,7 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
              tok.pad_token_id, config.packing.mode, config.packing.window,
              config.source.on_error,
              resolve_options([config.document_prefix], config.source.storage_options),
-             config.output.spill_dir, len(tok))
+             config.output.spill_dir, len(tok), trainer_safe=config.template.trainer_safe)
     try:
         in_flight: deque = deque()
         last_report = time.time()

@@ -16,13 +16,14 @@ from sftprep.idxmap import IndexedReader
 from sftprep.writer import BadRecordError
 
 S = 256
+REFERENCE_CONF = os.path.join(os.path.dirname(__file__), "..", "conf", "qwen2-reference.yaml")
 
 
-def build(inputs, tokenizer, prefix, **options):
+def build(inputs, tokenizer, prefix, config=None, **options):
     overrides = {"source.inputs": list(inputs), "template.tokenizer": tokenizer,
                  "template.seq_length": S, "output.prefix": str(prefix), "run.progress": False}
     overrides.update({k.replace("__", "."): v for k, v in options.items()})
-    return pipeline.build(load(BuildConfig, None, overrides))
+    return pipeline.build(load(BuildConfig, config, overrides))
 
 
 def read(prefix) -> tuple[bytes, bytes]:
@@ -45,7 +46,7 @@ def reference_lines():
 def test_reference_settings_give_the_reference_bytes(ray_session, qwen, qwen_dir, tmp_path,
                                                      reference_lines, packing):
     path = write_jsonl(tmp_path / "train.jsonl", reference_lines)
-    manifest = build([path], qwen_dir, tmp_path / "out", template__pad_token="<|extra_0|>",
+    manifest = build([path], qwen_dir, tmp_path / "out", config=REFERENCE_CONF,
                      packing__mode=packing, run__workers=2, run__batch_size=8)
     expected = build_bytes(qwen, reference_lines, S, qwen.pad_token_id,
                            sequence_packing=packing == "sequential")
