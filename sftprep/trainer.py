@@ -147,6 +147,7 @@ def require(t: dict, mode: str = "any") -> None:
     """Raise ``LayoutError`` unless the files are safe for ``mode`` (``any``: for some mode)."""
     v = verdict(t)
     if mode == "any" and all(v.values()):
-        raise LayoutError("no trainer mode reads these files correctly: " + modes_text(t))
+        raise LayoutError("no trainer mode reads these files correctly: " + "; ".join(
+            f"{MODE_NAMES[m]}: {v[m]}" for m in MODES))
     if mode != "any" and v[mode]:
         raise LayoutError(f"not safe for {MODE_NAMES[mode]}: {v[mode]}")

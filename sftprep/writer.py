@@ -32,7 +32,7 @@ import pyarrow as pa
 from sftprep import idxmap, trainer
 from sftprep.packing import Document, Piece, make_packer
 from sftprep.storage import filesystem, is_remote, upload
-from sftprep.tokenize import DROPPED, OK, REJECTED, TRAINER_CUT
+from sftprep.tokenize import CUT_ID_0, CUT_PAD_SLOT, DROPPED, OK, REJECTED, TRAINER_CUT
 
 SUFFIXES = (".bin", ".idx")
 MANIFEST = ".manifest.json"
@@ -142,7 +142,7 @@ class SFTWriter:
         """A sample ``template.trainer_safe`` cut shorter: counted and listed with the rejects."""
         self.c[TRAINER_CUT] += 1
         self.c["trainer_tokens_cut"] += min(row["tokens"], self.S) - kept
-        self.reasons[TRAINER_CUT][row["reason"]] += 1
+        self.reasons[TRAINER_CUT].update(w for w in (CUT_PAD_SLOT, CUT_ID_0) if w in row["reason"])
         self._report({"file": self.files[row["file"]], "line": row["line"],
                       "sample": row["sample"], "status": "cut", "reason": row["reason"],
                       "detail": row["detail"]})
