@@ -254,3 +254,23 @@ def test_verdict_names_the_first_document_per_mode():
     assert trainer.modes_text(t) == ("safe for MP_SFT_PACKING=true (micro-batch size 1) and "
                                      "MP_SFT_PACKING=false")
     assert "any micro-batch size" in trainer.line(t, S, "p")
+
+
+def test_a_trainer_safe_writer_refuses_a_row_packed_training_cannot_read(tmp_path):
+    """The writer checks the packed trainer's rules on every document too (trainer_safe)."""
+    from test_writer import sample, table
+    from sftprep.writer import SFTWriter
+    ids, labels = sample(32, 1)  # fills all 32 inputs alone
+    rows = table([{"file": 0, "line": 1, "input_ids": ids, "labels": labels}])
+    for safe in (False, True):
+        w = SFTWriter(str(tmp_path / f"{safe}_text_document"), ["x.jsonl"], 32, 1000,
+                      trainer_safe=safe)
+        w.consume(rows)
+        if safe:
+            with pytest.raises(RuntimeError, match="document 0: its only sample fills"):
+                w.finish({})
+            w.abort()
+            assert not os.path.exists(w.prefix + ".bin")
+        else:
+            t = w.finish({})["trainer"]
+            assert t["rows_breaking"]["full_rows"] == 1 and t["safe_modes"] == ["unpacked"]
