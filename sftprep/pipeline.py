@@ -25,7 +25,8 @@ import ray
 import sftprep
 from sftprep.config import BuildConfig, ConfigError, validate
 from sftprep.sources import SCHEMA as RECORD_SCHEMA
-from sftprep.sources import InputFile, expand_inputs, read_records
+from sftprep.sources import (InputFile, ReadRange, auto_split_bytes, expand_inputs, plan_reads,
+                             read_range)
 from sftprep.storage import filesystem, redact, resolve_options
 from sftprep.template import load_tokenizer, tokenizer_fingerprint
 from sftprep.tokenize import Tokenize, TokenizeSpec
@@ -47,23 +48,24 @@ STORE_BLOCKS_PER_CPU = 16
 
 
 class RecordSource(ray.data.Datasource):
-    """One read task per input file, streaming it as blocks of raw records (see ``sources``)."""
+    """One read task per planned range (a file, or a part of a large one), streaming it as
+    blocks of raw records (see ``sources``); task ``k`` reads ``plan[k]``."""
 
-    def __init__(self, files: list[InputFile], storage_options: dict, block_records: int):
-        self.files = files
+    def __init__(self, plan: list[ReadRange], storage_options: dict, block_records: int):
+        self.plan = plan
         self.storage_options = storage_options
         self.block_records = block_records
 
     def estimate_inmemory_data_size(self) -> int:
-        return sum(f.size for f in self.files)
+        return sum(r.size for r in self.plan)
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
         tasks = []
-        for index, f in enumerate(self.files):
-            def read(url=f.url, index=index) -> Iterator[pa.Table]:
-                yield from read_records(url, self.storage_options, index, self.block_records)
-            meta = ray.data.block.BlockMetadata(num_rows=None, size_bytes=f.size,
-                                                input_files=[f.url], exec_stats=None)
+        for task, r in enumerate(self.plan):
+            def read(r=r, task=task) -> Iterator[pa.Table]:
+                yield from read_range(r, task, self.storage_options, self.block_records)
+            meta = ray.data.block.BlockMetadata(num_rows=None, size_bytes=r.size,
+                                                input_files=[r.url], exec_stats=None)
             tasks.append(ray.data.ReadTask(read, meta, schema=RECORD_SCHEMA))
         return tasks
 
@@ -94,7 +96,17 @@ def cluster_cpus() -> float:
     return ray.cluster_resources().get("CPU", 1)
 
 
-def record_dataset(config: BuildConfig, files: list[InputFile]) -> ray.data.Dataset:
+def read_plan(config: BuildConfig, files: list[InputFile]) -> list[ReadRange]:
+    """The read tasks: large files split in ranges of ``source.split_bytes`` (default: enough
+    ranges for every CPU of the cluster, see ``sources.auto_split_bytes``)."""
+    split = config.source.split_bytes
+    if split is None:
+        split = auto_split_bytes(files, cluster_cpus())
+    return plan_reads(files, split, resolve_options([f.url for f in files],
+                                                    config.source.storage_options))
+
+
+def record_dataset(config: BuildConfig, plan: list[ReadRange]) -> ray.data.Dataset:
     """The read stage: raw records in input order.
 
     The settings go on the current DataContext before the dataset exists: a dataset keeps a
@@ -106,16 +118,16 @@ def record_dataset(config: BuildConfig, files: list[InputFile]) -> ray.data.Data
         object_store_memory=max(2, int(cluster_cpus())) * STORE_BLOCKS_PER_CPU * BLOCK_BYTES)
     ctx.target_max_block_size = BLOCK_BYTES
     ctx.enable_progress_bars = config.run.progress
-    options = resolve_options([f.url for f in files], config.source.storage_options)
+    options = resolve_options([r.url for r in plan], config.source.storage_options)
     return ray.data.read_datasource(
-        RecordSource(files, options, config.run.block_records),
+        RecordSource(plan, options, config.run.block_records),
         num_cpus=READ_CPUS)
 
 
-def tokenized_dataset(config: BuildConfig, files: list[InputFile],
+def tokenized_dataset(config: BuildConfig, plan: list[ReadRange],
                       stage: type[Tokenize] = Tokenize) -> ray.data.Dataset:
     """The read and tokenize stages, in input order (``stage``: Tokenize or a subclass)."""
-    ds = record_dataset(config, files)
+    ds = record_dataset(config, plan)
     cpus = cluster_cpus()
     workers = config.run.workers or max(1, int(cpus))
     actor_cpus = round(min(1.0, cpus / workers) * ACTOR_CPU_SHARE, 3)
@@ -142,6 +154,7 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
     tok = load_tokenizer(config.template.tokenizer, config.template.pad_token,
                          config.template.chat_template)
     ensure_ray()
+    plan = read_plan(config, files)
     here = ray.get_runtime_context().get_node_id()
     writer = ray.remote(SFTWriter).options(
         num_cpus=0, max_restarts=0,
@@ -151,11 +164,12 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
              tok.pad_token_id, config.packing.mode, config.packing.window,
              config.source.on_error,
              resolve_options([config.document_prefix], config.source.storage_options),
-             config.output.spill_dir, len(tok), trainer_safe=config.template.trainer_safe)
+             config.output.spill_dir, len(tok), [r.file for r in plan],
+             trainer_safe=config.template.trainer_safe)
     try:
         in_flight: deque = deque()
         last_report = time.time()
-        for bundle in tokenized_dataset(config, files).iter_internal_ref_bundles():
+        for bundle in tokenized_dataset(config, plan).iter_internal_ref_bundles():
             for block_ref in bundle.block_refs:
                 in_flight.append(writer.consume.remote(block_ref))
                 while len(in_flight) > MAX_BLOCKS_IN_FLIGHT:
@@ -170,7 +184,9 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
             "ray_version": ray.__version__,
             "created_unix": round(started, 3),
             "elapsed_seconds": round(elapsed, 3),
-            "inputs": [{"url": f.url, "bytes": f.size} for f in files],
+            "inputs": [{"url": f.url, "bytes": f.size,
+                        "read_tasks": sum(r.file == i for r in plan)}
+                       for i, f in enumerate(files)],
             "tokenizer": {"path": config.template.tokenizer,
                           "sha256": tokenizer_fingerprint(config.template.tokenizer, tok),
                           "pad_token": tok.pad_token, "pad_id": tok.pad_token_id,
