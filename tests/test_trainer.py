@@ -258,10 +258,10 @@ def test_verdict_names_the_first_document_per_mode():
 
 def test_a_trainer_safe_writer_refuses_a_row_packed_training_cannot_read(tmp_path):
     """The writer checks the packed trainer's rules on every document too (trainer_safe)."""
-    from test_writer import sample, table
+    from test_writer import end, sample, table
     from sftprep.writer import SFTWriter
     ids, labels = sample(32, 1)  # fills all 32 inputs alone
-    rows = table([{"file": 0, "line": 1, "input_ids": ids, "labels": labels}])
+    rows = table([{"file": 0, "line": 1, "input_ids": ids, "labels": labels}, end(0, 1)])
     for safe in (False, True):
         w = SFTWriter(str(tmp_path / f"{safe}_text_document"), ["x.jsonl"], 32, 1000,
                       trainer_safe=safe)
