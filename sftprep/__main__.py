@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from sftprep import idxmap, view
+from sftprep import idxmap, trainer, view
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,6 +18,10 @@ def main(argv: list[str] | None = None) -> int:
         c.add_argument("prefix", help="the files' prefix, e.g. output/demo_text_document "
                        "(the build's --output-prefix, or a file's name, works too)")
         c.add_argument("--tokenizer", help="tokenizer directory (default: the manifest's)")
+        if name == "verify":
+            c.add_argument("--trainer-mode", choices=("any", *trainer.MODES), default="any",
+                           help="fail unless the files are safe for this trainer mode: packed "
+                           "(MP_SFT_PACKING=true), unpacked, or any of them")
         if name == "inspect":
             c.add_argument("--doc", type=int, action="append",
                            help="document index (repeatable; default: 0)")
@@ -44,9 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "verify":
             figures = view.verify(args.prefix, tok)
+            trainer.require(figures["trainer"], args.trainer_mode)
             print(f"ok: {args.prefix}: {figures['documents']:,} documents, {figures['samples']:,} "
                   f"samples, {figures['tokens']:,} tokens, {figures['pad']:,} pad, "
                   f"S={figures['seq_length']}")
+            print("trainer: " + trainer.modes_text(figures["trainer"]))
             return 0
         if tok is None:
             p.error("inspect needs --tokenizer (no manifest names one)")

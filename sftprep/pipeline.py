@@ -166,7 +166,8 @@ def tokenize_spec(config: BuildConfig) -> TokenizeSpec:
     return TokenizeSpec(tokenizer=t.tokenizer, seq_length=t.seq_length, pad_token=t.pad_token,
                         chat_template=t.chat_template, train_on=t.train_on,
                         train_tool_calls=t.train_tool_calls, format=config.source.format,
-                        columns=tuple(sorted(config.source.columns.items())))
+                        columns=tuple(sorted(config.source.columns.items())),
+                        trainer_safe=t.trainer_safe)
 
 
 def cluster_cpus() -> float:
@@ -241,7 +242,8 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
              tok.pad_token_id, config.packing.mode, config.packing.window,
              config.source.on_error,
              resolve_options([config.document_prefix], config.source.storage_options),
-             config.output.spill_dir, len(tok), [r.file for r in plan])
+             config.output.spill_dir, len(tok), [r.file for r in plan],
+             trainer_safe=config.template.trainer_safe)
     temporary = ray.get(writer.temporary_paths.remote())
     watch = LocalRuntimeWatch().start()
     try:
