@@ -10,10 +10,11 @@ from sftprep.config import ConfigError, flags, load
 from sftprep.records import RecordError
 from sftprep.sources import InputError
 from sftprep.template import TemplateError
+from sftprep.tokenize import EncodingMismatch
 from sftprep.writer import BadRecordError
 
 USER_ERRORS = (ConfigError, InputError, BadRecordError, TemplateError, RecordError,
-               FileNotFoundError)
+               FileNotFoundError, EncodingMismatch)
 
 
 def parser_for(config_cls, description: str) -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@ never runs far ahead of tokenizing and memory stays flat as the input grows.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -24,11 +25,12 @@ import ray
 
 import sftprep
 from sftprep.config import BuildConfig, ConfigError, validate
+from sftprep.encode import Setup, prepare
 from sftprep.sources import SCHEMA as RECORD_SCHEMA
 from sftprep.sources import InputFile, expand_inputs, read_records
 from sftprep.storage import filesystem, redact, resolve_options
 from sftprep.template import load_tokenizer, tokenizer_fingerprint
-from sftprep.tokenize import Tokenize, TokenizeSpec
+from sftprep.tokenize import GUARD_EVERY, GUARD_LINES, Tokenize, TokenizeSpec
 from sftprep.writer import MANIFEST, SUFFIXES, SFTWriter
 
 log = logging.getLogger("sftprep")
@@ -44,6 +46,8 @@ PROGRESS_SECONDS = 10.0
 # is 30% of RAM by default): a 1M-sample build held 0.9 GB of records there, ten times what
 # 100k held. This many blocks per CPU keep every tokenizer fed, whatever the input size.
 STORE_BLOCKS_PER_CPU = 16
+# A read block is at least this big unless its file ends (2048 records of 32 bytes).
+MIN_BLOCK_BYTES = 64 << 10
 
 
 class RecordSource(ray.data.Datasource):
@@ -86,7 +90,16 @@ def tokenize_spec(config: BuildConfig) -> TokenizeSpec:
     return TokenizeSpec(tokenizer=t.tokenizer, seq_length=t.seq_length, pad_token=t.pad_token,
                         chat_template=t.chat_template, train_on=t.train_on,
                         train_tool_calls=t.train_tool_calls, format=config.source.format,
-                        columns=tuple(sorted(config.source.columns.items())))
+                        columns=tuple(sorted(config.source.columns.items())), backend=t.backend)
+
+
+def tokenizer_setup(config: BuildConfig, tok=None) -> Setup:
+    """The tokenizer, template and encoding backend every actor gets, decided here once."""
+    t = config.template
+    tok = tok or load_tokenizer(t.tokenizer, t.pad_token, t.chat_template)
+    setup = prepare(tok, t.backend)
+    log.info("[sftprep] tokenizer backend: %s (%s)", setup.backend, setup.reason)
+    return setup
 
 
 def cluster_cpus() -> float:
@@ -112,13 +125,20 @@ def record_dataset(config: BuildConfig, files: list[InputFile]) -> ray.data.Data
 
 
 def tokenized_dataset(config: BuildConfig, files: list[InputFile],
-                      stage: type[Tokenize] = Tokenize) -> ray.data.Dataset:
-    """The read and tokenize stages, in input order (``stage``: Tokenize or a subclass)."""
+                      stage: type[Tokenize] = Tokenize,
+                      setup: Setup | None = None) -> ray.data.Dataset:
+    """The read and tokenize stages, in input order (``stage``: Tokenize or a subclass).
+
+    No more actors than the input has blocks: each one costs a worker process and a second
+    or two of start-up, for nothing if it gets no block.
+    """
     ds = record_dataset(config, files)
     cpus = cluster_cpus()
-    workers = config.run.workers or max(1, int(cpus))
+    blocks = sum(max(1, -(-f.size // MIN_BLOCK_BYTES)) for f in files)
+    workers = min(config.run.workers or max(1, int(cpus)), blocks)
     actor_cpus = round(min(1.0, cpus / workers) * ACTOR_CPU_SHARE, 3)
-    return ds.map_batches(stage, fn_constructor_args=(tokenize_spec(config),),
+    spec = dataclasses.replace(tokenize_spec(config), files=tuple(f.url for f in files))
+    return ds.map_batches(stage, fn_constructor_args=(spec, setup or tokenizer_setup(config)),
                           batch_size=config.run.batch_size, batch_format="pyarrow",
                           compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=actor_cpus,
                           runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
@@ -140,6 +160,7 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
     check_output_free(config)
     tok = load_tokenizer(config.template.tokenizer, config.template.pad_token,
                          config.template.chat_template)
+    setup = tokenizer_setup(config, tok)
     ensure_ray()
     here = ray.get_runtime_context().get_node_id()
     writer = ray.remote(SFTWriter).options(
@@ -154,7 +175,7 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
     try:
         in_flight: deque = deque()
         last_report = time.time()
-        for bundle in tokenized_dataset(config, files).iter_internal_ref_bundles():
+        for bundle in tokenized_dataset(config, files, setup=setup).iter_internal_ref_bundles():
             for block_ref in bundle.block_refs:
                 in_flight.append(writer.consume.remote(block_ref))
                 while len(in_flight) > MAX_BLOCKS_IN_FLIGHT:
@@ -173,7 +194,11 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
             "tokenizer": {"path": config.template.tokenizer,
                           "sha256": tokenizer_fingerprint(config.template.tokenizer, tok),
                           "pad_token": tok.pad_token, "pad_id": tok.pad_token_id,
-                          "vocab_size": len(tok)},
+                          "vocab_size": len(tok), **setup.describe(),
+                          **({"guard": f"HF re-encoded each actor's first batch, the first "
+                                       f"{GUARD_LINES} lines of every file and 1 in "
+                                       f"{GUARD_EVERY} other samples: all identical"}
+                             if setup.backend == "fast" else {})},
             "config": redact(asdict(config)),
         }
         manifest = ray.get(writer.finish.remote(extra))

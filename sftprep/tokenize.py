@@ -1,9 +1,15 @@
 """The tokenizer stage: raw records in, one row per sample out (ids, labels, or why not).
 
-Runs in ``map_batches`` on an actor pool: the tokenizer is loaded once per actor in
-``__init__``; ``__call__`` parses a batch of records, renders every conversation, and encodes all
-of them in one batch call of the fast tokenizer. Rows keep their ``(file, line)`` origin and the
+Runs in ``map_batches`` on an actor pool: each actor gets the tokenizer ready-made from the
+driver (``encode.Setup``: no transformers import, no tokenizer directory to load); ``__call__``
+parses a batch of records, renders every conversation, and encodes all of them at once with the
+fast path or the HF tokenizer (``encode``). Rows keep their ``(file, line)`` origin and the
 sample's index within its line, so the ordered stage can rebuild groups and report problems.
+
+Guard: with the fast path, a deterministic subset of samples is encoded by the HF tokenizer as
+well (every sample of an actor's first batch and of the first ``GUARD_LINES`` lines of every
+file, then one in ``GUARD_EVERY`` by its origin), and any difference in ids or trained spans
+stops the build with the sample's file and line and both results.
 
 Per sample, with ``L`` tokens and trained spans from the template (contract, "One sample"):
 ``labels[t] = ids[t+1]`` where token ``t+1`` is trained, else ``-100``; ``labels[L-1] = -100``;
@@ -19,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from sftprep.encode import Setup, encoder, prepare
 from sftprep.idxmap import IGNORE_INDEX
 from sftprep.records import RecordError, parse_group
 from sftprep.template import ChatRenderer, TemplateError, load_tokenizer
@@ -49,15 +56,29 @@ class TokenizeSpec:
     train_tool_calls: bool = True
     format: str = "auto"
     columns: tuple = ()
+    backend: str = "auto"            # auto (the fast path where it applies) or hf
+    files: tuple = ()                # input URLs, to name a file in a guard failure
+
+
+GUARD_LINES = 512
+GUARD_EVERY = 1000
+
+
+class EncodingMismatch(RuntimeError):
+    """The fast path and the HF tokenizer disagree on a sample: the build must not go on."""
 
 
 class Tokenize:
-    def __init__(self, spec: TokenizeSpec):
+    def __init__(self, spec: TokenizeSpec, setup: Setup | None = None):
         self.spec = spec
-        self.tok = load_tokenizer(spec.tokenizer, spec.pad_token, spec.chat_template)
-        self.encoder = self.tok.backend_tokenizer
-        self.render = ChatRenderer(self.tok, spec.train_on, spec.train_tool_calls)
+        if setup is None:  # in process (tests, benchmarks); a build hands one in
+            setup = prepare(load_tokenizer(spec.tokenizer, spec.pad_token, spec.chat_template),
+                            spec.backend)
+        self.setup = setup
+        self.encoder, self.hf = encoder(setup)
+        self.render = ChatRenderer(setup, spec.train_on, spec.train_tool_calls)
         self.columns = dict(spec.columns)
+        self.batches = 0
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = _Rows()
@@ -72,21 +93,43 @@ class Tokenize:
                 todo.append((f, line, -1, raw, e))
             else:
                 todo += [(f, line, k, raw, r) for k, r in enumerate(rendered)]
-        encodings = iter(self.encoder.encode_batch(
-            [r.text for *_, r in todo if not isinstance(r, RecordError)], add_special_tokens=False))
+        samples = [t for t in todo if not isinstance(t[-1], RecordError)]
+        encoded = self.encoder.encode([r.text for *_, r in samples],
+                                      [r.trained for *_, r in samples])
+        if self.encoder is not self.hf:
+            self._guard(samples, encoded)
+        self.batches += 1
+        encodings = iter(encoded)
         for f, line, k, raw, r in todo:
             if isinstance(r, RecordError):
                 out.problem(f, line, k, REJECTED, r.reason, r.detail, raw)
             else:
-                self._sample(out, f, line, k, raw, r, next(encodings))
+                self._sample(out, f, line, k, raw, r, *next(encodings))
         return out.table()
 
-    def _sample(self, out: "_Rows", f, line, k, raw, rendered, enc) -> None:
+    def _guard(self, samples: list, encoded: list) -> None:
+        """Encode the guarded samples through HF too; stop at the first difference."""
+        picked = [i for i, (f, line, k, *_) in enumerate(samples)
+                  if not self.batches or line <= GUARD_LINES
+                  or (f * 1_000_003 + line * 101 + k) * 2_654_435_761 % 2**32 % GUARD_EVERY == 0]
+        if not picked:
+            return
+        checks = self.hf.encode([samples[i][-1].text for i in picked],
+                                [samples[i][-1].trained for i in picked])
+        for i, (ids, spans) in zip(picked, checks):
+            got_ids, got_spans = encoded[i]
+            if not np.array_equal(ids, got_ids) or spans != got_spans:
+                f, line, k, _, r = samples[i]
+                where = self.spec.files[f] if f < len(self.spec.files) else f"file {f}"
+                raise EncodingMismatch(
+                    f"{where}:{line} (sample {k}): the fast tokenizer path differs from the HF "
+                    f"tokenizer (the build stopped; --tokenizer-backend hf avoids the fast "
+                    f"path): hf ids {ids.tolist()} spans {spans}; fast ids {got_ids.tolist()} "
+                    f"spans {got_spans}; text {r.text!r}")
+
+    def _sample(self, out: "_Rows", f, line, k, raw, rendered, ids, spans) -> None:
         S = self.spec.seq_length
-        ids = np.array(enc.ids, dtype=np.int32)
-        n, text_len = len(ids), len(rendered.text)
-        spans = [(_token_at(enc, a, n, text_len), _token_at(enc, b, n, text_len))
-                 for a, b in rendered.trained]
+        n = len(ids)
         first = min((a for a, b in spans if a < b), default=n)  # tokens before the first trained
         ids = ids[:S]
         labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
@@ -106,20 +149,6 @@ class Tokenize:
             return
         ids[-1] = -1 - ids[-1]
         out.sample(f, line, k, n, first, rendered.chars, ids, labels)
-
-
-def _token_at(enc, char: int, n: int, text_len: int) -> int:
-    """Index of the first token starting at or after character ``char`` of the encoded text.
-
-    A boundary inside a token (a template whose turns are not split by special tokens) puts
-    that token on the later side.
-    """
-    while char < text_len:
-        t = enc.char_to_token(char)
-        if t is not None:
-            return t if enc.token_to_chars(t)[0] >= char else t + 1
-        char += 1
-    return n
 
 
 class _Rows:
