@@ -69,9 +69,14 @@ class EncodingMismatch(RuntimeError):
 
 
 class Tokenize:
-    def __init__(self, spec: TokenizeSpec, setup: Setup | None = None):
+    def __init__(self, spec: TokenizeSpec, setup: Setup | list | None = None):
+        """``setup``: made by the driver (a build passes ``[object ref]``); None prepares it
+        here (tests, benchmarks)."""
         self.spec = spec
-        if setup is None:  # in process (tests, benchmarks); a build hands one in
+        if isinstance(setup, list):
+            import ray
+            setup = ray.get(setup[0])
+        if setup is None:
             setup = prepare(load_tokenizer(spec.tokenizer, spec.pad_token, spec.chat_template),
                             spec.backend)
         self.setup = setup
