@@ -98,7 +98,8 @@ class ChatRenderer:
 
         Without its per-call deep copy and normalizing of every message: ``records`` builds them
         from plain JSON values, so that work changes nothing here (``test_template`` checks the
-        two agree), and rendering is most of what a conversation costs besides encoding it.
+        two agree), and rendering is the stage's largest cost after encoding (a fifth of it with
+        the HF encoder, about half with the fast path).
         """
         try:
             return self._template.render(messages=[_with_reasoning_aliases(m) for m in messages],
