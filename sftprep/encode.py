@@ -23,6 +23,7 @@ text, and every build re-encodes a deterministic subset through HF and stops at 
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from dataclasses import dataclass, field
@@ -232,43 +233,61 @@ class FastEncoder:
                 fast["specials"], key=len, reverse=True)))) if fast["specials"] else None
 
     def encode(self, texts: list[str], spans: list[list[tuple[int, int]]]) -> list[tuple]:
-        out, slow = [], []
+        out: list = [None] * len(texts)
+        slow, done, id_lists, cuts = [], [], [], []  # cuts: (sample, byte offset) per boundary
         for k, (text, char_spans) in enumerate(zip(texts, spans)):
             if text.isascii():
-                data = None
+                cuts += [(len(done), c) for span in char_spans for c in span]
             else:
                 try:
                     data = text.encode("utf-8")
-                except UnicodeEncodeError:
-                    data = b""
-                if not data or (self.nfc and NFC_STABLE.search(text) and self._nfc_changes(text)):
+                except UnicodeEncodeError:  # lone surrogates: whatever HF does with them
+                    data = None
+                if data is None or (self.nfc and NFC_STABLE.search(text)
+                                    and self._nfc_changes(text)):
                     slow.append(k)
-                    out.append(None)
                     continue
-            ids = np.array(self.enc.encode(text, allowed_special="all", disallowed_special=()),
-                           dtype=np.int32)
-            out.append((ids, self._spans(text, data, ids, char_spans)))
+                cuts += [(len(done), len(text[:c].encode("utf-8")))
+                         for span in char_spans for c in span]
+            done.append(k)
+            id_lists.append(self.enc.encode(text, allowed_special="all", disallowed_special=()))
+        if done:
+            for k, r in zip(done, self._with_spans(id_lists, cuts, spans, done)):
+                out[k] = r
         if slow:
             for k, r in zip(slow, self.hf.encode([texts[k] for k in slow],
                                                  [spans[k] for k in slow])):
                 out[k] = r
         return out
 
+    def _with_spans(self, id_lists: list[list[int]], cuts: list[tuple[int, int]],
+                    spans: list, done: list[int]) -> list[tuple]:
+        """All the batch's ids in one array, every boundary found by one binary search over the
+        byte offsets where the batch's tokens start (each text's offsets shifted by the bytes of
+        the texts before it, so one text's end is the next one's first token start)."""
+        counts = np.fromiter(map(len, id_lists), np.int64, len(id_lists))
+        ends = np.cumsum(counts)
+        begins = ends - counts
+        flat = np.fromiter(itertools.chain.from_iterable(id_lists), np.int32, int(ends[-1]))
+        token_bytes = self.lengths[flat]
+        byte_ends = np.cumsum(token_bytes)
+        byte_starts = byte_ends - token_bytes
+        base = np.concatenate(([0], byte_ends))[begins]
+        if cuts:
+            owner, offset = np.array(cuts, dtype=np.int64).T
+            found = (np.searchsorted(byte_starts, base[owner] + offset) - begins[owner]).tolist()
+        out, j = [], 0
+        for i, k in enumerate(done):
+            m = 2 * len(spans[k])
+            out.append((flat[begins[i]:ends[i]],
+                        [(found[j + 2 * s], found[j + 2 * s + 1]) for s in range(m // 2)]))
+            j += m
+        return out
+
     def _nfc_changes(self, text: str) -> bool:
         """Whether HF's NFC changes any segment between added tokens (each is normalized alone)."""
         parts = self.special.split(text) if self.special else [text]
         return any(self.nfc.normalize_str(p) != p for p in parts)
-
-    def _spans(self, text: str, data: bytes | None, ids: np.ndarray,
-               char_spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        if not char_spans:
-            return []
-        starts = np.cumsum(self.lengths[ids]) - self.lengths[ids]
-        if data is None:  # ASCII: characters are bytes
-            return [tuple(np.searchsorted(starts, (a, b)).tolist()) for a, b in char_spans]
-        return [tuple(np.searchsorted(starts, (len(text[:a].encode("utf-8")),
-                                               len(text[:b].encode("utf-8")))).tolist())
-                for a, b in char_spans]
 
 
 def encoder(setup: Setup) -> tuple[HFEncoder | FastEncoder, HFEncoder]:

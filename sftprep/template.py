@@ -174,7 +174,20 @@ def _compile(chat_template: str):
         def _body(self, caller):
             return caller()
 
+    dict_attributes = frozenset(dir(dict))
+
     class Sandbox(ImmutableSandboxedEnvironment):
+        def getattr(self, obj, attribute: str):
+            """``message.role`` on a plain dict: the sandbox tries ``getattr`` first and gets
+            there through an AttributeError; a dict has no other attributes than its class's,
+            so any other name is an item (or undefined), as the sandbox would find."""
+            if type(obj) is dict and attribute not in dict_attributes:
+                try:
+                    return obj[attribute]
+                except (TypeError, LookupError):
+                    return self.undefined(obj=obj, name=attribute)
+            return super().getattr(obj, attribute)
+
         def is_safe_attribute(self, obj, attr: str, value) -> bool:
             key = (type(obj), attr)
             verdict = self.verdicts.get(key)
