@@ -27,7 +27,8 @@ import sftprep
 from sftprep.config import BuildConfig, ConfigError, validate
 from sftprep.encode import Setup, prepare
 from sftprep.sources import SCHEMA as RECORD_SCHEMA
-from sftprep.sources import InputFile, expand_inputs, read_records
+from sftprep.sources import (InputFile, ReadRange, auto_split_bytes, expand_inputs, plan_reads,
+                             read_range)
 from sftprep.storage import filesystem, redact, resolve_options
 from sftprep.template import load_tokenizer, tokenizer_fingerprint
 from sftprep.tokenize import GUARD_EVERY, GUARD_LINES, Tokenize, TokenizeSpec
@@ -51,23 +52,24 @@ MIN_BLOCK_BYTES = 64 << 10
 
 
 class RecordSource(ray.data.Datasource):
-    """One read task per input file, streaming it as blocks of raw records (see ``sources``)."""
+    """One read task per planned range (a file, or a part of a large one), streaming it as
+    blocks of raw records (see ``sources``); task ``k`` reads ``plan[k]``."""
 
-    def __init__(self, files: list[InputFile], storage_options: dict, block_records: int):
-        self.files = files
+    def __init__(self, plan: list[ReadRange], storage_options: dict, block_records: int):
+        self.plan = plan
         self.storage_options = storage_options
         self.block_records = block_records
 
     def estimate_inmemory_data_size(self) -> int:
-        return sum(f.size for f in self.files)
+        return sum(r.size for r in self.plan)
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
         tasks = []
-        for index, f in enumerate(self.files):
-            def read(url=f.url, index=index) -> Iterator[pa.Table]:
-                yield from read_records(url, self.storage_options, index, self.block_records)
-            meta = ray.data.block.BlockMetadata(num_rows=None, size_bytes=f.size,
-                                                input_files=[f.url], exec_stats=None)
+        for task, r in enumerate(self.plan):
+            def read(r=r, task=task) -> Iterator[pa.Table]:
+                yield from read_range(r, task, self.storage_options, self.block_records)
+            meta = ray.data.block.BlockMetadata(num_rows=None, size_bytes=r.size,
+                                                input_files=[r.url], exec_stats=None)
             tasks.append(ray.data.ReadTask(read, meta, schema=RECORD_SCHEMA))
         return tasks
 
@@ -106,7 +108,17 @@ def cluster_cpus() -> float:
     return ray.cluster_resources().get("CPU", 1)
 
 
-def record_dataset(config: BuildConfig, files: list[InputFile]) -> ray.data.Dataset:
+def read_plan(config: BuildConfig, files: list[InputFile]) -> list[ReadRange]:
+    """The read tasks: large files split in ranges of ``source.split_bytes`` (default: enough
+    ranges for every CPU of the cluster, see ``sources.auto_split_bytes``)."""
+    split = config.source.split_bytes
+    if split is None:
+        split = auto_split_bytes(files, cluster_cpus())
+    return plan_reads(files, split, resolve_options([f.url for f in files],
+                                                    config.source.storage_options))
+
+
+def record_dataset(config: BuildConfig, plan: list[ReadRange]) -> ray.data.Dataset:
     """The read stage: raw records in input order.
 
     The settings go on the current DataContext before the dataset exists: a dataset keeps a
@@ -118,13 +130,13 @@ def record_dataset(config: BuildConfig, files: list[InputFile]) -> ray.data.Data
         object_store_memory=max(2, int(cluster_cpus())) * STORE_BLOCKS_PER_CPU * BLOCK_BYTES)
     ctx.target_max_block_size = BLOCK_BYTES
     ctx.enable_progress_bars = config.run.progress
-    options = resolve_options([f.url for f in files], config.source.storage_options)
+    options = resolve_options([r.url for r in plan], config.source.storage_options)
     return ray.data.read_datasource(
-        RecordSource(files, options, config.run.block_records),
+        RecordSource(plan, options, config.run.block_records),
         num_cpus=READ_CPUS)
 
 
-def tokenized_dataset(config: BuildConfig, files: list[InputFile],
+def tokenized_dataset(config: BuildConfig, plan: list[ReadRange],
                       stage: type[Tokenize] = Tokenize,
                       setup: Setup | None = None) -> ray.data.Dataset:
     """The read and tokenize stages, in input order (``stage``: Tokenize or a subclass).
@@ -132,12 +144,14 @@ def tokenized_dataset(config: BuildConfig, files: list[InputFile],
     No more actors than the input has blocks: each one costs a worker process and a second
     or two of start-up, for nothing if it gets no block.
     """
-    ds = record_dataset(config, files)
+    ds = record_dataset(config, plan)
     cpus = cluster_cpus()
-    blocks = sum(max(1, -(-f.size // MIN_BLOCK_BYTES)) for f in files)
+    blocks = sum(max(1, -(-r.size // MIN_BLOCK_BYTES)) for r in plan)
     workers = min(config.run.workers or max(1, int(cpus)), blocks)
     actor_cpus = round(min(1.0, cpus / workers) * ACTOR_CPU_SHARE, 3)
-    spec = dataclasses.replace(tokenize_spec(config), files=tuple(f.url for f in files))
+    urls = {r.file: r.url for r in plan}
+    spec = dataclasses.replace(tokenize_spec(config), files=tuple(
+        urls.get(i, "") for i in range(max(urls, default=-1) + 1)))
     # One copy of the setup (~8 MB for a 150k vocabulary) in the object store for every actor,
     # passed inside a list so Ray hands the reference, not a copy per actor's arguments.
     setup_ref = [ray.put(setup or tokenizer_setup(config))]
@@ -165,6 +179,7 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
                          config.template.chat_template)
     setup = tokenizer_setup(config, tok)
     ensure_ray()
+    plan = read_plan(config, files)
     here = ray.get_runtime_context().get_node_id()
     writer = ray.remote(SFTWriter).options(
         num_cpus=0, max_restarts=0,
@@ -174,11 +189,11 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
              tok.pad_token_id, config.packing.mode, config.packing.window,
              config.source.on_error,
              resolve_options([config.document_prefix], config.source.storage_options),
-             config.output.spill_dir, len(tok))
+             config.output.spill_dir, len(tok), [r.file for r in plan])
     try:
         in_flight: deque = deque()
         last_report = time.time()
-        for bundle in tokenized_dataset(config, files, setup=setup).iter_internal_ref_bundles():
+        for bundle in tokenized_dataset(config, plan, setup=setup).iter_internal_ref_bundles():
             for block_ref in bundle.block_refs:
                 in_flight.append(writer.consume.remote(block_ref))
                 while len(in_flight) > MAX_BLOCKS_IN_FLIGHT:
@@ -193,7 +208,9 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
             "ray_version": ray.__version__,
             "created_unix": round(started, 3),
             "elapsed_seconds": round(elapsed, 3),
-            "inputs": [{"url": f.url, "bytes": f.size} for f in files],
+            "inputs": [{"url": f.url, "bytes": f.size,
+                        "read_tasks": sum(r.file == i for r in plan)}
+                       for i, f in enumerate(files)],
             "tokenizer": {"path": config.template.tokenizer,
                           "sha256": tokenizer_fingerprint(config.template.tokenizer, tok),
                           "pad_token": tok.pad_token, "pad_id": tok.pad_token_id,

@@ -3,8 +3,9 @@
 Runs in ``map_batches`` on an actor pool: each actor gets the tokenizer ready-made from the
 driver (``encode.Setup``: no transformers import, no tokenizer directory to load); ``__call__``
 parses a batch of records, renders every conversation, and encodes all of them at once with the
-fast path or the HF tokenizer (``encode``). Rows keep their ``(file, line)`` origin and the
-sample's index within its line, so the ordered stage can rebuild groups and report problems.
+fast path or the HF tokenizer (``encode``). Rows keep their record's origin (the read rows'
+``ORIGIN`` columns) and the sample's index within its record, so the ordered stage can rebuild
+groups and report problems; a read task's end row is passed on as a row of status ``end``.
 
 Guard: with the fast path, a deterministic subset of samples is encoded by the HF tokenizer as
 well (every sample of an actor's first batch and of the first ``GUARD_LINES`` lines of every
@@ -28,14 +29,16 @@ import pyarrow as pa
 from sftprep.encode import Setup, encoder, prepare
 from sftprep.idxmap import IGNORE_INDEX
 from sftprep.records import RecordError, parse_group
+from sftprep.sources import ORIGIN
+from sftprep.sources import SCHEMA as RECORD_SCHEMA
 from sftprep.template import ChatRenderer, TemplateError, load_tokenizer
 
-OK, REJECTED, DROPPED = "ok", "rejected", "dropped"
+OK, REJECTED, DROPPED, END = "ok", "rejected", "dropped", "end"
 REJECT_TEXT_CHARS = 2000
 SCHEMA = pa.schema([
-    ("file", pa.int32()), ("line", pa.int64()),
-    ("sample", pa.int32()),          # index within the line's group; -1 for a whole-line reject
-    ("status", pa.string()),         # ok | rejected (bad input) | dropped (too long)
+    *(RECORD_SCHEMA.field(name) for name in ORIGIN),  # line: the task's line count at its end
+    ("sample", pa.int32()),          # index within the record's group; -1: a whole record
+    ("status", pa.string()),         # ok | rejected (bad input) | dropped (too long) | end
     ("reason", pa.string()), ("detail", pa.string()), ("text", pa.string()),
     ("tokens", pa.int32()),          # full length before any cut
     ("prompt_tokens", pa.int32()),   # tokens before the first trained one
@@ -87,52 +90,60 @@ class Tokenize:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = _Rows()
-        todo = []  # in input order: (file, line, sample index, raw text, Rendered or RecordError)
-        for f, line, raw in zip(batch["file"].to_pylist(), batch["line"].to_pylist(),
-                                batch["text"].to_pylist()):
+        todo = []  # in input order: (batch row, sample index, raw text, Rendered, RecordError
+        #            or None for a read task's end row)
+        for i, raw in enumerate(batch["text"].to_pylist()):
+            if raw is None:
+                todo.append((i, -1, raw, None))
+                continue
             try:
                 rendered = [self.render(c) for c in parse_group(raw, self.spec.format, self.columns)]
             except TemplateError as e:
-                todo.append((f, line, -1, raw, RecordError("template", str(e))))
+                todo.append((i, -1, raw, RecordError("template", str(e))))
             except RecordError as e:
-                todo.append((f, line, -1, raw, e))
+                todo.append((i, -1, raw, e))
             else:
-                todo += [(f, line, k, raw, r) for k, r in enumerate(rendered)]
-        samples = [t for t in todo if not isinstance(t[-1], RecordError)]
+                todo += [(i, k, raw, r) for k, r in enumerate(rendered)]
+        samples = [t for t in todo if t[-1] is not None and not isinstance(t[-1], RecordError)]
         encoded = self.encoder.encode([r.text for *_, r in samples],
                                       [r.trained for *_, r in samples])
         if self.encoder is not self.hf:
-            self._guard(samples, encoded)
+            self._guard(batch, samples, encoded)
         self.batches += 1
         encodings = iter(encoded)
-        for f, line, k, raw, r in todo:
-            if isinstance(r, RecordError):
-                out.problem(f, line, k, REJECTED, r.reason, r.detail, raw)
+        for i, k, raw, r in todo:
+            if r is None:
+                out.end(i)
+            elif isinstance(r, RecordError):
+                out.problem(i, k, REJECTED, r.reason, r.detail, raw)
             else:
-                self._sample(out, f, line, k, raw, r, *next(encodings))
-        return out.table()
+                self._sample(out, i, k, raw, r, *next(encodings))
+        return out.table(batch)
 
-    def _guard(self, samples: list, encoded: list) -> None:
+    def _guard(self, batch: pa.Table, samples: list, encoded: list) -> None:
         """Encode the guarded samples through HF too; stop at the first difference."""
-        picked = [i for i, (f, line, k, *_) in enumerate(samples)
-                  if not self.batches or line <= GUARD_LINES
-                  or (f * 1_000_003 + line * 101 + k) * 2_654_435_761 % 2**32 % GUARD_EVERY == 0]
+        files, lines = batch["file"].to_pylist(), batch["line"].to_pylist()
+        picked = [j for j, (i, k, *_) in enumerate(samples)
+                  if not self.batches or lines[i] <= GUARD_LINES
+                  or (files[i] * 1_000_003 + lines[i] * 101 + k) * 2_654_435_761 % 2**32
+                  % GUARD_EVERY == 0]
         if not picked:
             return
-        checks = self.hf.encode([samples[i][-1].text for i in picked],
-                                [samples[i][-1].trained for i in picked])
-        for i, (ids, spans) in zip(picked, checks):
-            got_ids, got_spans = encoded[i]
+        checks = self.hf.encode([samples[j][-1].text for j in picked],
+                                [samples[j][-1].trained for j in picked])
+        for j, (ids, spans) in zip(picked, checks):
+            got_ids, got_spans = encoded[j]
             if not np.array_equal(ids, got_ids) or spans != got_spans:
-                f, line, k, _, r = samples[i]
+                i, k, _, r = samples[j]
+                f = files[i]
                 where = self.spec.files[f] if f < len(self.spec.files) else f"file {f}"
                 raise EncodingMismatch(
-                    f"{where}:{line} (sample {k}): the fast tokenizer path differs from the HF "
-                    f"tokenizer (the build stopped; --tokenizer-backend hf avoids the fast "
+                    f"{where}:{lines[i]} (sample {k}): the fast tokenizer path differs from the "
+                    f"HF tokenizer (the build stopped; --tokenizer-backend hf avoids the fast "
                     f"path): hf ids {ids.tolist()} spans {spans}; fast ids {got_ids.tolist()} "
                     f"spans {got_spans}; text {r.text!r}")
 
-    def _sample(self, out: "_Rows", f, line, k, raw, rendered, ids, spans) -> None:
+    def _sample(self, out: "_Rows", i, k, raw, rendered, ids, spans) -> None:
         S = self.spec.seq_length
         n = len(ids)
         first = min((a for a, b in spans if a < b), default=n)  # tokens before the first trained
@@ -149,41 +160,51 @@ class Tokenize:
                 reason, detail = "prompt too long", f"{first} prompt tokens >= seq-length {S}"
             else:
                 reason, detail = "nothing to train", "no assistant turn is trained"
-            out.problem(f, line, k, DROPPED, reason, detail, raw, tokens=n, prompt_tokens=first,
+            out.problem(i, k, DROPPED, reason, detail, raw, tokens=n, prompt_tokens=first,
                         chars=rendered.chars)
             return
         ids[-1] = -1 - ids[-1]
-        out.sample(f, line, k, n, first, rendered.chars, ids, labels)
+        out.sample(i, k, n, first, rendered.chars, ids, labels)
 
 
 class _Rows:
-    """Column builder for the stage's output table."""
+    """Column builder for the stage's output table; ``i`` is the input batch's row whose
+    origin a row carries."""
 
     def __init__(self):
-        self.cols = {name: [] for name in SCHEMA.names if name not in ("input_ids", "labels")}
+        self.rows: list[int] = []
+        self.cols = {name: [] for name in SCHEMA.names
+                     if name not in ORIGIN + ("input_ids", "labels")}
         self.ids: list[np.ndarray] = []
         self.labels: list[np.ndarray] = []
 
-    def _row(self, **values) -> None:
+    def _row(self, i, **values) -> None:
+        self.rows.append(i)
         for name, col in self.cols.items():
             col.append(values.get(name))
 
-    def sample(self, f, line, k, tokens, prompt_tokens, chars, ids, labels) -> None:
-        self._row(file=f, line=line, sample=k, status=OK, tokens=tokens,
-                  prompt_tokens=prompt_tokens, chars=chars)
+    def sample(self, i, k, tokens, prompt_tokens, chars, ids, labels) -> None:
+        self._row(i, sample=k, status=OK, tokens=tokens, prompt_tokens=prompt_tokens, chars=chars)
         self.ids.append(ids)
         self.labels.append(labels)
 
-    def problem(self, f, line, k, status, reason, detail, raw: bytes, tokens=None,
+    def problem(self, i, k, status, reason, detail, raw: bytes, tokens=None,
                 prompt_tokens=None, chars=None) -> None:
         text = raw[:REJECT_TEXT_CHARS * 4].decode("utf-8", errors="replace")[:REJECT_TEXT_CHARS]
-        self._row(file=f, line=line, sample=k, status=status, reason=reason, detail=detail,
+        self._row(i, sample=k, status=status, reason=reason, detail=detail,
                   text=text, tokens=tokens, prompt_tokens=prompt_tokens, chars=chars)
         self.ids.append(_EMPTY)
         self.labels.append(_EMPTY)
 
-    def table(self) -> pa.Table:
-        arrays = [pa.array(self.cols[name], SCHEMA.field(name).type) for name in self.cols]
+    def end(self, i) -> None:
+        self._row(i, sample=-1, status=END)
+        self.ids.append(_EMPTY)
+        self.labels.append(_EMPTY)
+
+    def table(self, batch: pa.Table) -> pa.Table:
+        origin = batch.select(list(ORIGIN)).take(pa.array(self.rows, pa.int64()))
+        arrays = [origin[name].combine_chunks() for name in ORIGIN]
+        arrays += [pa.array(self.cols[name], SCHEMA.field(name).type) for name in self.cols]
         arrays += [_list_array(self.ids), _list_array(self.labels)]
         return pa.Table.from_arrays(arrays, schema=SCHEMA)
 

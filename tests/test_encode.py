@@ -28,7 +28,8 @@ from sftprep import pipeline
 from sftprep.config import BuildConfig, load
 from sftprep.demo import ALPACA, CHAT
 from sftprep.encode import NFC_STABLE, FastEncoder, encoder, prepare
-from sftprep.sources import InputFile, read_records
+from fixtures import record_batch
+from sftprep.sources import InputFile, ReadRange, read_range, record_table
 from sftprep.template import load_tokenizer
 from sftprep.tokenize import EncodingMismatch, Tokenize, TokenizeSpec
 
@@ -63,7 +64,8 @@ def families(tmp_path_factory) -> dict[str, str]:
 
 
 def stage_tables(stage: Tokenize, path: str, index: int) -> list[pa.Table]:
-    return [stage(block.slice(s, 64)) for block in read_records(path, {}, index, 1 << 20)
+    return [stage(block.slice(s, 64))
+            for block in read_range(ReadRange(index, path), index, {}, 1 << 20)
             for s in range(0, block.num_rows, 64)]
 
 
@@ -196,9 +198,7 @@ def test_the_nfc_stable_set_is_stable():
 
 
 def test_records_with_lone_surrogates_are_rejected_alike(qwen_stages):
-    raw = b'{"instruction": "a\\ud800b", "output": "x"}'
-    table = pa.table({"file": pa.array([0], pa.int32()), "line": pa.array([1], pa.int64()),
-                      "text": pa.array([raw], pa.binary())})
+    table = record_batch([b'{"instruction": "a\\ud800b", "output": "x"}'])
     auto, hf = qwen_stages
     a = auto(table)
     assert a.equals(hf(table)) and a["status"].to_pylist() == ["rejected"]
@@ -223,10 +223,9 @@ class OffByOne:
 
 
 def alpaca_table(lines: list[int], marked: set[int]) -> pa.Table:
-    raw = [json.dumps({"instruction": "Say hi" + (" PLANTED" if n in marked else ""),
-                       "output": "hi"}).encode() for n in lines]
-    return pa.table({"file": pa.array([0] * len(lines), pa.int32()),
-                     "line": pa.array(lines, pa.int64()), "text": pa.array(raw, pa.binary())})
+    return record_table(0, 0, [(n, -1, json.dumps({
+        "instruction": "Say hi" + (" PLANTED" if n in marked else ""), "output": "hi"}).encode())
+        for n in lines])
 
 
 def test_guard_stops_at_a_planted_divergence_with_file_line_and_both_results(qwen_dir):
@@ -275,7 +274,8 @@ def test_guard_stops_a_ray_build(ray_session, qwen_dir, tmp_path):
                                       "run.progress": False, "run.batch_size": 16})
     files = [InputFile(str(path), path.stat().st_size)]
     with pytest.raises(Exception) as e:
-        pipeline.tokenized_dataset(config, files, stage=PlantedTokenize).materialize()
+        pipeline.tokenized_dataset(config, pipeline.read_plan(config, files),
+                                   stage=PlantedTokenize).materialize()
     assert f"{path}:41 (sample 0): the fast tokenizer path differs" in str(e.value)
 
 
