@@ -72,6 +72,11 @@ class TemplateConfig:
                        "tokenizers where it applies, checked against Hugging Face on a sample "
                        "of every build; else Hugging Face) or hf (always Hugging Face)",
                        "--tokenizer-backend")
+    trainer_safe: bool = opt(True, "cut samples so Pai-Megatron-Patch's trainer reads every "
+                             "document in both modes with every boundary intact: at most S-1 "
+                             "tokens, never ending on id 0 (docs/trainer.md); off reproduces the "
+                             "reference tool, including rows packed training cannot read",
+                             "--trainer-safe")
 
 
 @dataclass

@@ -92,7 +92,8 @@ def tokenize_spec(config: BuildConfig) -> TokenizeSpec:
     return TokenizeSpec(tokenizer=t.tokenizer, seq_length=t.seq_length, pad_token=t.pad_token,
                         chat_template=t.chat_template, train_on=t.train_on,
                         train_tool_calls=t.train_tool_calls, format=config.source.format,
-                        columns=tuple(sorted(config.source.columns.items())), backend=t.backend)
+                        columns=tuple(sorted(config.source.columns.items())),
+                        trainer_safe=t.trainer_safe, backend=t.backend)
 
 
 def tokenizer_setup(config: BuildConfig, tok=None) -> Setup:
@@ -189,7 +190,8 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
              tok.pad_token_id, config.packing.mode, config.packing.window,
              config.source.on_error,
              resolve_options([config.document_prefix], config.source.storage_options),
-             config.output.spill_dir, len(tok), [r.file for r in plan])
+             config.output.spill_dir, len(tok), [r.file for r in plan],
+             trainer_safe=config.template.trainer_safe)
     try:
         in_flight: deque = deque()
         last_report = time.time()

@@ -23,6 +23,10 @@ def summary_text(manifest: dict) -> str:
         f"rejected records    {_n(s['rejected_records'])}" + _reasons(s["rejected_by_reason"]),
         f"dropped samples     {_n(s['dropped_samples'])}" + _reasons(s["dropped_by_reason"]),
         f"truncated samples   {_n(s['truncated_samples'])} ({_n(s['tokens_cut'])} tokens cut)",
+        "trainer-safe cuts   " + (f"{_n(s['trainer_cut_samples'])} samples "
+                                   f"({_n(s['trainer_tokens_cut'])} tokens cut)"
+                                   + _reasons(s["trainer_cut_by_reason"])
+                                   if s.get("trainer_safe") else "off (reference rows)"),
         f"documents           {_n(s['documents'])} x 2*{s['seq_length']} int32",
         f"tokens              {_n(s['tokens'])} ({_n(s['trained_tokens'])} trained)",
         f"pad fraction        {s['pad_fraction']:.2%}",
@@ -34,9 +38,11 @@ def summary_text(manifest: dict) -> str:
                      f"{s['tokens_per_second']:,} tokens/s "
                      f"(writer {s['writer_tokens_per_second'] or 0:,} tokens/s)")
     files = manifest["files"]
+    if "trainer" in manifest:
+        lines.append(f"trainer             {manifest['trainer']['summary']}")
     lines.append(f"output              {files['bin'].rsplit('.', 1)[0]} (.bin/.idx, verified)")
     if "rejects" in files:
-        lines.append(f"not written, why    {files['rejects']}")
+        lines.append(f"not written/cut     {files['rejects']}")
     return "\n".join(lines)
 
 
