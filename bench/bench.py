@@ -8,6 +8,11 @@ Cases, each run at every size in a fresh interpreter (the builds in a fresh Ray 
 
 - ``baseline``: one process, one thread: read the JSONL, parse, render (``ChatRenderer``) and
   ``backend_tokenizer.encode_batch`` batches of 256, count ``len(encoding)``. The per-core ceiling.
+- ``hfloop``: the plain single-process HF loop a user would write: render the prompt and the full
+  text with ``apply_chat_template``, ``encode_batch`` both with the fast HF tokenizer, 256 at a
+  time. Timed, like the builds' ``from_start_seconds``, from process start to the last token.
+- ``stage``, ``stage-hf``: the ``Tokenize`` stage alone, in process, on 2048-record blocks in
+  batches of 256, with ``--tokenizer-backend`` auto and hf (hf is the stage before the fast path).
 - ``pair``: two baseline loops at once on alternate batches: what the cores give together.
 - ``build``: ``sftprep.pipeline.build`` with default settings (packing none).
 - ``bfd``: the same with ``packing.mode = bfd``.
@@ -51,7 +56,8 @@ SOURCES = {  # file -> kind; "array" files are JSON arrays, "lines" JSONL
     "alpaca_en_demo.json": "array", "alpaca_zh_demo.json": "array",
     "glaive_toolcall_en_demo.json": "array", "v1_sft_demo.jsonl": "lines",
 }
-CASES = ("baseline", "pair", "build", "bfd", "writer", "writer-bfd")
+CASES = ("baseline", "hfloop", "stage", "stage-hf", "pair", "build", "bfd", "writer",
+         "writer-bfd")
 DEFAULT_SIZES = (100_000, 1_000_000)
 QUICK_SIZES = (5_000, 20_000)
 BATCH = 256
@@ -272,6 +278,55 @@ def run_baseline(path: str, tokenizer: str, seq_length: int, shard: tuple = (0, 
             "split_seconds": {k: round(v, 3) for k, v in split.items()}}
 
 
+def run_hfloop(path: str, tokenizer: str, seq_length: int) -> dict:
+    """The plain HF loop: apply_chat_template for the prompt and the full text, encode both."""
+    from sftprep.records import parse_group
+    from sftprep.template import load_tokenizer
+
+    tok = load_tokenizer(tokenizer)
+    encoder = tok.backend_tokenizer
+    samples = tokens = 0
+    with TreeMonitor() as mon, open(path, "rb") as f:
+        while True:
+            lines = [line for _, line in zip(range(BATCH), f)]
+            if not lines:
+                break
+            convs = [c for line in lines for c in parse_group(line)]
+            prompts = [tok.apply_chat_template(c.messages[:1], tools=c.tools, tokenize=False)
+                       for c in convs]
+            texts = [tok.apply_chat_template(c.messages, tools=c.tools, tokenize=False)
+                     for c in convs]
+            encoder.encode_batch(prompts, add_special_tokens=False)
+            for e in encoder.encode_batch(texts, add_special_tokens=False):
+                tokens += min(len(e), seq_length)
+            samples += len(convs)
+    return {**mon.figures(), "samples": samples, "tokens": tokens,
+            "from_start_seconds": round(time.time() - psutil.Process().create_time(), 3)}
+
+
+def run_stage(path: str, tokenizer: str, seq_length: int, backend: str) -> dict:
+    """The tokenizer stage alone: its own thread's CPU time over the corpus."""
+    from sftprep.sources import ReadRange, read_range
+    from sftprep.tokenize import Tokenize, TokenizeSpec
+
+    stage = Tokenize(TokenizeSpec(tokenizer, seq_length, backend=backend))
+    samples = tokens = 0
+    cpu = 0.0
+    with TreeMonitor() as mon:
+        for block in read_range(ReadRange(0, path), 0, {}, 2048):
+            for i in range(0, block.num_rows, BATCH):
+                batch = block.slice(i, BATCH)
+                c0 = time.thread_time()
+                out = stage(batch)
+                cpu += time.thread_time() - c0
+                rows = [n for n, status in zip(out["tokens"].to_pylist(),
+                                               out["status"].to_pylist()) if status != "end"]
+                samples += len(rows)
+                tokens += sum(min(n or 0, seq_length) for n in rows)
+    return {**mon.figures(), "samples": samples, "tokens": tokens,
+            "stage_cpu_seconds": round(cpu, 3), "backend": stage.setup.backend}
+
+
 def run_pair(spec: dict) -> dict:
     """Two baseline loops at once, each on every other batch: what the cores give together.
 
@@ -322,6 +377,8 @@ def run_build(path: str, tokenizer: str, seq_length: int, packing: str, out_dir:
     s = manifest["summary"]
     return {**mon.figures(), "samples": s["samples_written"], "tokens": s["tokens"],
             "ray_start_seconds": round(ray_start, 3),
+            "from_start_seconds": round(time.time() - psutil.Process().create_time(), 3),
+            "tokenizer_backend": manifest["tokenizer"].get("backend"),
             "summary": {k: s[k] for k in ("records", "samples_written", "dropped_samples",
                                           "rejected_records", "documents", "tokens",
                                           "packing_efficiency", "elapsed_seconds",
@@ -401,6 +458,10 @@ def run_case(case: str, spec: dict) -> dict:
         return run_baseline(*args, tuple(spec.get("shard", (0, 1))), spec.get("barrier"))
     if case == "pair":
         return run_pair(spec)
+    if case == "hfloop":
+        return run_hfloop(*args)
+    if case.startswith("stage"):
+        return run_stage(*args, "hf" if case == "stage-hf" else "auto")
     packing = "bfd" if case.endswith("bfd") else "none"
     if case in ("build", "bfd"):
         return run_build(*args, packing, spec["out_dir"])
@@ -497,6 +558,17 @@ def goals(results: dict, sizes: list[int]) -> list[str]:
                 out.append(f"{n:,}: packing+writing: SFTWriter alone ({w}) {share:.1%} of the "
                            f"{case}'s CPU per token; the writer actor in the {case} used "
                            f"{inside:.1%} of its CPU (goal < 5%): {verdict}")
+        for case in ("build", "bfd"):
+            if case in r and "hfloop" in r:
+                x = r["hfloop"]["from_start_seconds"] / r[case]["from_start_seconds"]
+                out.append(f"{n:,}: {case} {x:.2f}x the plain HF loop, process start to verified "
+                           f"files (goal >= 3x): {'met' if x >= 3 else 'NOT met'}")
+        if "stage" in r and "stage-hf" in r:
+            x = (r["stage-hf"]["stage_cpu_seconds"] / r["stage-hf"]["samples"]) / (
+                r["stage"]["stage_cpu_seconds"] / r["stage"]["samples"])
+            out.append(f"{n:,}: tokenizer stage {x:.2f}x faster per core with the "
+                       f"{r['stage']['backend']} backend than with hf (goal >= 4x): "
+                       f"{'met' if x >= 4 else 'NOT met'}")
     if len(sizes) > 1:
         lo, hi = results[str(sizes[0])], results[str(sizes[-1])]
         for case in CASES:

@@ -16,10 +16,11 @@ from sftprep.pipeline import RuntimeLost, abandon_local_runtime
 from sftprep.records import RecordError
 from sftprep.sources import InputError
 from sftprep.template import TemplateError
+from sftprep.tokenize import EncodingMismatch
 from sftprep.writer import BadRecordError
 
 USER_ERRORS = (ConfigError, InputError, BadRecordError, TemplateError, RecordError,
-               FileNotFoundError)
+               FileNotFoundError, EncodingMismatch)
 # Ray's C++ core writes its log lines ("[2026-01-01 12:00:00,000 E 123 123] core_worker.cc:..")
 # to the driver's log file in the session directory and, from warnings up, to stderr as well.
 RAY_NATIVE_LOG_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [IWE] \d+ \d+\] ")

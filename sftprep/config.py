@@ -69,6 +69,10 @@ class TemplateConfig:
     train_on: str = opt("all", "which assistant turns are trained: all or last", "--train-on")
     train_tool_calls: bool = opt(True, "train on assistant turns that call tools",
                                  "--train-tool-calls")
+    backend: str = opt("auto", "tokenizer backend: auto (an exact fast path for byte-level BPE "
+                       "tokenizers where it applies, checked against Hugging Face on a sample "
+                       "of every build; else Hugging Face) or hf (always Hugging Face)",
+                       "--tokenizer-backend")
     trainer_safe: bool = opt(True, "cut samples so Pai-Megatron-Patch's trainer reads every "
                              "document in both modes with every boundary intact: at most S-1 "
                              "tokens, never ending on id 0 (docs/trainer.md); off reproduces the "
@@ -184,6 +188,8 @@ def validate(config: BuildConfig, need_tokenizer: bool = True, need_output: bool
         raise ConfigError(f"--seq-length {tpl.seq_length!r}: must be an integer >= 2")
     if tpl.train_on not in ("all", "last"):
         raise ConfigError(f"--train-on {tpl.train_on!r}: choose all or last")
+    if tpl.backend not in ("auto", "hf"):
+        raise ConfigError(f"--tokenizer-backend {tpl.backend!r}: choose auto or hf")
     if tpl.chat_template and not os.path.isfile(tpl.chat_template):
         raise ConfigError(f"--chat-template {tpl.chat_template!r} is not a file")
     if config.packing.mode not in MODES:

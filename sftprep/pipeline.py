@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import _thread
 import contextlib
+import dataclasses
 import logging
 import signal
 import threading
@@ -28,14 +29,16 @@ import ray
 
 import sftprep
 from sftprep.config import BuildConfig, ConfigError, validate
+from sftprep.encode import Setup, prepare
 from sftprep.sources import SCHEMA as RECORD_SCHEMA
 from sftprep.sources import (InputFile, ReadRange, auto_split_bytes, expand_inputs, plan_reads,
                              read_range)
 from sftprep.storage import filesystem, redact, resolve_options
 from sftprep.template import load_tokenizer, tokenizer_fingerprint
-from sftprep.tokenize import Tokenize, TokenizeSpec
+from sftprep.tokenize import GUARD_EVERY, GUARD_LINES, Tokenize, TokenizeSpec
 from sftprep.writer import MANIFEST, SUFFIXES, SFTWriter, remove_temporary
 
+log = logging.getLogger("sftprep")
 
 READ_CPUS = 0.1
 ACTOR_CPU_SHARE = 0.9
@@ -48,6 +51,8 @@ PROGRESS_SECONDS = 10.0
 # is 30% of RAM by default): a 1M-sample build held 0.9 GB of records there, ten times what
 # 100k held. This many blocks per CPU keep every tokenizer fed, whatever the input size.
 STORE_BLOCKS_PER_CPU = 16
+# A read block is at least this big unless its file ends (2048 records of 32 bytes).
+MIN_BLOCK_BYTES = 64 << 10
 
 
 class RecordSource(ray.data.Datasource):
@@ -167,7 +172,16 @@ def tokenize_spec(config: BuildConfig) -> TokenizeSpec:
                         chat_template=t.chat_template, train_on=t.train_on,
                         train_tool_calls=t.train_tool_calls, format=config.source.format,
                         columns=tuple(sorted(config.source.columns.items())),
-                        trainer_safe=t.trainer_safe)
+                        trainer_safe=t.trainer_safe, backend=t.backend)
+
+
+def tokenizer_setup(config: BuildConfig, tok=None) -> Setup:
+    """The tokenizer, template and encoding backend every actor gets, decided here once."""
+    t = config.template
+    tok = tok or load_tokenizer(t.tokenizer, t.pad_token, t.chat_template)
+    setup = prepare(tok, t.backend)
+    log.info("[sftprep] tokenizer backend: %s (%s)", setup.backend, setup.reason)
+    return setup
 
 
 def cluster_cpus() -> float:
@@ -203,13 +217,25 @@ def record_dataset(config: BuildConfig, plan: list[ReadRange]) -> ray.data.Datas
 
 
 def tokenized_dataset(config: BuildConfig, plan: list[ReadRange],
-                      stage: type[Tokenize] = Tokenize) -> ray.data.Dataset:
-    """The read and tokenize stages, in input order (``stage``: Tokenize or a subclass)."""
+                      stage: type[Tokenize] = Tokenize,
+                      setup: Setup | None = None) -> ray.data.Dataset:
+    """The read and tokenize stages, in input order (``stage``: Tokenize or a subclass).
+
+    No more actors than the input has blocks: each one costs a worker process and a second
+    or two of start-up, for nothing if it gets no block.
+    """
     ds = record_dataset(config, plan)
     cpus = cluster_cpus()
-    workers = config.run.workers or max(1, int(cpus))
+    blocks = sum(max(1, -(-r.size // MIN_BLOCK_BYTES)) for r in plan)
+    workers = min(config.run.workers or max(1, int(cpus)), blocks)
     actor_cpus = round(min(1.0, cpus / workers) * ACTOR_CPU_SHARE, 3)
-    return ds.map_batches(stage, fn_constructor_args=(tokenize_spec(config),),
+    urls = {r.file: r.url for r in plan}
+    spec = dataclasses.replace(tokenize_spec(config), files=tuple(
+        urls.get(i, "") for i in range(max(urls, default=-1) + 1)))
+    # One copy of the setup (~8 MB for a 150k vocabulary) in the object store for every actor,
+    # passed inside a list so Ray hands the reference, not a copy per actor's arguments.
+    setup_ref = [ray.put(setup or tokenizer_setup(config))]
+    return ds.map_batches(stage, fn_constructor_args=(spec, setup_ref),
                           batch_size=config.run.batch_size, batch_format="pyarrow",
                           compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=actor_cpus,
                           runtime_env={"env_vars": worker_env(config.run.verbose)})
@@ -231,6 +257,7 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
     check_output_free(config)
     tok = load_tokenizer(config.template.tokenizer, config.template.pad_token,
                          config.template.chat_template)
+    setup = tokenizer_setup(config, tok)
     ensure_ray(config.run.verbose)
     plan = read_plan(config, files)
     here = ray.get_runtime_context().get_node_id()
@@ -259,7 +286,7 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
                     on_progress({**progress, "seconds": time.time() - started})
                     last_report = time.time()
 
-        for bundle in tokenized_dataset(config, plan).iter_internal_ref_bundles():
+        for bundle in tokenized_dataset(config, plan, setup=setup).iter_internal_ref_bundles():
             for block_ref in bundle.block_refs:
                 in_flight.append(writer.consume.remote(block_ref))
                 wait_until(MAX_BLOCKS_IN_FLIGHT)
@@ -276,7 +303,11 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
             "tokenizer": {"path": config.template.tokenizer,
                           "sha256": tokenizer_fingerprint(config.template.tokenizer, tok),
                           "pad_token": tok.pad_token, "pad_id": tok.pad_token_id,
-                          "vocab_size": len(tok)},
+                          "vocab_size": len(tok), **setup.describe(),
+                          **({"guard": f"HF re-encoded each actor's first batch, the first "
+                                       f"{GUARD_LINES} lines of every file and 1 in "
+                                       f"{GUARD_EVERY} other samples: all identical"}
+                             if setup.backend == "fast" else {})},
             "config": redact(asdict(config)),
         }
         manifest = ray.get(writer.finish.remote(extra))

@@ -1,10 +1,16 @@
 """The tokenizer stage: raw records in, one row per sample out (ids, labels, or why not).
 
-Runs in ``map_batches`` on an actor pool: the tokenizer is loaded once per actor in
-``__init__``; ``__call__`` parses a batch of records, renders every conversation, and encodes all
-of them in one batch call of the fast tokenizer. Rows keep their record's origin (the read rows'
+Runs in ``map_batches`` on an actor pool: each actor gets the tokenizer ready-made from the
+driver (``encode.Setup``: no transformers import, no tokenizer directory to load); ``__call__``
+parses a batch of records, renders every conversation, and encodes all of them at once with the
+fast path or the HF tokenizer (``encode``). Rows keep their record's origin (the read rows'
 ``ORIGIN`` columns) and the sample's index within its record, so the ordered stage can rebuild
 groups and report problems; a read task's end row is passed on as a row of status ``end``.
+
+Guard: with the fast path, a deterministic subset of samples is encoded by the HF tokenizer as
+well (every sample of an actor's first batch and of the first ``GUARD_LINES`` lines of every
+file, then one in ``GUARD_EVERY`` by its origin), and any difference in ids or trained spans
+stops the build with the sample's file and line and both results.
 
 Per sample, with ``L`` tokens and trained spans from the template (contract, "One sample"):
 ``labels[t] = ids[t+1]`` where token ``t+1`` is trained, else ``-100``; ``labels[L-1] = -100``;
@@ -27,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from sftprep.encode import Setup, encoder, prepare
 from sftprep.idxmap import IGNORE_INDEX
 from sftprep.records import RecordError, parse_group
 from sftprep.sources import ORIGIN
@@ -65,15 +72,34 @@ class TokenizeSpec:
     format: str = "auto"
     columns: tuple = ()
     trainer_safe: bool = True
+    backend: str = "auto"            # auto (the fast path where it applies) or hf
+    files: tuple = ()                # input URLs, to name a file in a guard failure
+
+
+GUARD_LINES = 512
+GUARD_EVERY = 1000
+
+
+class EncodingMismatch(RuntimeError):
+    """The fast path and the HF tokenizer disagree on a sample: the build must not go on."""
 
 
 class Tokenize:
-    def __init__(self, spec: TokenizeSpec):
+    def __init__(self, spec: TokenizeSpec, setup: Setup | list | None = None):
+        """``setup``: made by the driver (a build passes ``[object ref]``); None prepares it
+        here (tests, benchmarks)."""
         self.spec = spec
-        self.tok = load_tokenizer(spec.tokenizer, spec.pad_token, spec.chat_template)
-        self.encoder = self.tok.backend_tokenizer
-        self.render = ChatRenderer(self.tok, spec.train_on, spec.train_tool_calls)
+        if isinstance(setup, list):
+            import ray
+            setup = ray.get(setup[0])
+        if setup is None:
+            setup = prepare(load_tokenizer(spec.tokenizer, spec.pad_token, spec.chat_template),
+                            spec.backend)
+        self.setup = setup
+        self.encoder, self.hf = encoder(setup)
+        self.render = ChatRenderer(setup, spec.train_on, spec.train_tool_calls)
         self.columns = dict(spec.columns)
+        self.batches = 0
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = _Rows()
@@ -91,24 +117,48 @@ class Tokenize:
                 todo.append((i, -1, raw, e))
             else:
                 todo += [(i, k, raw, r) for k, r in enumerate(rendered)]
-        encodings = iter(self.encoder.encode_batch(
-            [r.text for *_, r in todo if r is not None and not isinstance(r, RecordError)],
-            add_special_tokens=False))
+        samples = [t for t in todo if t[-1] is not None and not isinstance(t[-1], RecordError)]
+        encoded = self.encoder.encode([r.text for *_, r in samples],
+                                      [r.trained for *_, r in samples])
+        if self.encoder is not self.hf:
+            self._guard(batch, samples, encoded)
+        self.batches += 1
+        encodings = iter(encoded)
         for i, k, raw, r in todo:
             if r is None:
                 out.end(i)
             elif isinstance(r, RecordError):
                 out.problem(i, k, REJECTED, r.reason, r.detail, raw)
             else:
-                self._sample(out, i, k, raw, r, next(encodings))
+                self._sample(out, i, k, raw, r, *next(encodings))
         return out.table(batch)
 
-    def _sample(self, out: "_Rows", i, k, raw, rendered, enc) -> None:
+    def _guard(self, batch: pa.Table, samples: list, encoded: list) -> None:
+        """Encode the guarded samples through HF too; stop at the first difference."""
+        files, lines = batch["file"].to_pylist(), batch["line"].to_pylist()
+        picked = [j for j, (i, k, *_) in enumerate(samples)
+                  if not self.batches or lines[i] <= GUARD_LINES
+                  or (files[i] * 1_000_003 + lines[i] * 101 + k) * 2_654_435_761 % 2**32
+                  % GUARD_EVERY == 0]
+        if not picked:
+            return
+        checks = self.hf.encode([samples[j][-1].text for j in picked],
+                                [samples[j][-1].trained for j in picked])
+        for j, (ids, spans) in zip(picked, checks):
+            got_ids, got_spans = encoded[j]
+            if not np.array_equal(ids, got_ids) or spans != got_spans:
+                i, k, _, r = samples[j]
+                f = files[i]
+                where = self.spec.files[f] if f < len(self.spec.files) else f"file {f}"
+                raise EncodingMismatch(
+                    f"{where}:{lines[i]} (sample {k}): the fast tokenizer path differs from the "
+                    f"HF tokenizer (the build stopped; --tokenizer-backend hf avoids the fast "
+                    f"path): hf ids {ids.tolist()} spans {spans}; fast ids {got_ids.tolist()} "
+                    f"spans {got_spans}; text {r.text!r}")
+
+    def _sample(self, out: "_Rows", i, k, raw, rendered, ids, spans) -> None:
         S = self.spec.seq_length
-        ids = np.array(enc.ids, dtype=np.int32)
-        n, text_len = len(ids), len(rendered.text)
-        spans = [(_token_at(enc, a, n, text_len), _token_at(enc, b, n, text_len))
-                 for a, b in rendered.trained]
+        n = len(ids)
         first = min((a for a, b in spans if a < b), default=n)  # tokens before the first trained
         cap, why = trainer_cut(ids, S) if self.spec.trainer_safe else (min(n, S), [])
         ids = ids[:cap]
@@ -150,20 +200,6 @@ def trainer_cut(ids: np.ndarray, S: int) -> tuple[int, list[str]]:
     if keep < before:
         why.append(CUT_ID_0)
     return keep, why
-
-
-def _token_at(enc, char: int, n: int, text_len: int) -> int:
-    """Index of the first token starting at or after character ``char`` of the encoded text.
-
-    A boundary inside a token (a template whose turns are not split by special tokens) puts
-    that token on the later side.
-    """
-    while char < text_len:
-        t = enc.char_to_token(char)
-        if t is not None:
-            return t if enc.token_to_chars(t)[0] >= char else t + 1
-        char += 1
-    return n
 
 
 class _Rows:

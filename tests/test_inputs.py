@@ -164,7 +164,8 @@ def write_split(stage, path: str, split: int, out: str, packing: str,
                 on_error: str = "skip") -> tuple[bytes, bytes, bytes, int]:
     """(.bin, .idx, .rejects.jsonl, read tasks) of a build over ``split``-byte read tasks."""
     plan = plan_reads([InputFile(path, os.path.getsize(path))], split)
-    writer = SFTWriter(out, [path], S, stage.tok.pad_token_id, packing, 8, on_error,
+    pad_id = stage.hf.tok.token_to_id(stage.setup.special_tokens_map["pad_token"])
+    writer = SFTWriter(out, [path], S, pad_id, packing, 8, on_error,
                        read_tasks=[r.file for r in plan])
     try:
         for task, r in enumerate(plan):

@@ -131,3 +131,26 @@ def test_the_sandbox_still_refuses_what_it_refused(qwen_dir, tmp_path, body):
     for _ in range(2):  # the second time the verdict comes from the memo
         with pytest.raises(TemplateError, match="(?i)unsafe|security|access"):
             renderer.render(c.messages)
+
+
+FEATURES_TEMPLATE = (  # what transformers' environment gives templates beyond plain Jinja
+    "{% set ns = namespace(n=0) %}{% for m in messages %}{% if m.role == 'tool' %}{% continue %}"
+    "{% endif %}{% set ns.n = ns.n + 1 %}{% generation %}[{{ m.role }}]{% endgeneration %}"
+    "{{ m.content | tojson }}{% if loop.index > 5 %}{% break %}{% endif %}{% endfor %}"
+    "{{ dict(a=ns.n) | tojson }}{% if messages | length > 99 %}{{ raise_exception('long') }}"
+    "{% endif %}{{ strftime_now('%Y') | length }}"
+)
+
+
+def test_template_environment_matches_transformers(qwen_dir, tmp_path):
+    """Our compile (jinja2's public API) has what transformers gives a template: the sandbox,
+    tojson without HTML escapes, namespace, dict, loop controls, {% generation %},
+    raise_exception, strftime_now, trim_blocks/lstrip_blocks."""
+    path = tmp_path / "features.jinja"
+    path.write_text(FEATURES_TEMPLATE + "\n  {% if true %}\n    x\n  {% endif %}\n")
+    tok = load_tokenizer(qwen_dir, chat_template=str(path))
+    msgs = [{"role": "user", "content": "<b>\"中文\" & 'q'</b>"},
+            {"role": "tool", "content": "skipped"}, {"role": "assistant", "content": "a"}]
+    assert ChatRenderer(tok).render(msgs) == tok.apply_chat_template(msgs, tokenize=False)
+    with pytest.raises(TemplateError, match="long"):
+        ChatRenderer(tok).render(msgs * 40)
