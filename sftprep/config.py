@@ -80,8 +80,9 @@ class OutputConfig:
     prefix: str = opt(REQUIRED, "output prefix P: writes P_text_document.{bin,idx} and "
                       "P_text_document.manifest.json; local path or fsspec URL", "--output-prefix")
     overwrite: bool = opt(False, "replace an existing output instead of refusing", "--overwrite")
-    spill_dir: str | None = opt(None, "local directory for a remote output before upload "
-                                "(default: the system temp directory)", "--spill-dir")
+    spill_dir: str | None = opt(None, "local directory for a remote output's parts in flight "
+                                "and its index (default: the system temp directory)",
+                                "--spill-dir")
 
 
 @dataclass

@@ -7,11 +7,13 @@ rebuilds each line's group, packs, checks every document against the contract
 the end checks the index and the file sizes before the files get their final names. Checking the
 documents in memory, not by reading the ``.bin`` back, keeps the check off the end of the run.
 
-Atomicity: data goes to ``<prefix>.tmp-<run>.bin/.idx`` beside the output (or in a local spill
-directory for a remote output). On success the old ``.idx`` is removed first, then the ``.bin``
-and the ``.idx`` are renamed (or uploaded) in that order and the manifest last, so at no moment
-does a ``.idx`` sit beside a ``.bin`` it does not describe. On failure the temporary files are
-deleted. ossfs cannot stream writes over 5 MiB, hence the local spill and ``storage.upload``.
+Atomicity: a local output goes to ``<prefix>.tmp-<run>.bin/.idx`` beside it. A remote ``.bin``
+streams to the store as a multipart upload while documents arrive (``sink.MultipartSink``: local
+disk holds a few parts, never the file); the ``.idx``, rejects and manifest wait in a local spill
+directory. On success the old ``.idx`` is removed first, then the ``.bin`` is renamed (or its
+upload completed, which is when the object appears), then the ``.idx``, the manifest last, so at
+no moment does a ``.idx`` sit beside a ``.bin`` it does not describe. On failure the temporary
+files are deleted and the multipart upload is aborted.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ import pyarrow as pa
 
 from sftprep import idxmap
 from sftprep.packing import Document, Piece, make_packer
-from sftprep.storage import filesystem, is_remote, upload
+from sftprep.sink import MultipartSink, upload_file
+from sftprep.storage import filesystem, is_remote
 from sftprep.tokenize import DROPPED, OK, REJECTED
 
 SUFFIXES = (".bin", ".idx")
@@ -69,7 +72,8 @@ class SFTWriter:
             self.local = document_prefix
             os.makedirs(os.path.dirname(os.path.abspath(document_prefix)), exist_ok=True)
         self.tmp = f"{self.local}.tmp-{run}"
-        self._bin = open(self.tmp + ".bin", "wb")
+        self._bin = (MultipartSink(document_prefix + ".bin", storage_options, self._spill)
+                     if self.remote else open(self.tmp + ".bin", "wb"))
         self._rejects = None
         self.index = idxmap.IndexedWriter(self._bin)
         self._last_key = (-1, -1, -1)
@@ -171,21 +175,32 @@ class SFTWriter:
     # -- finishing ---------------------------------------------------------------------------
 
     def finish(self, manifest_extra: dict[str, Any]) -> dict:
-        """Flush, write the index, verify, publish atomically; return the summary."""
+        """Flush, write the index, verify, publish atomically; return the manifest."""
+        summary = self.seal(manifest_extra.get("elapsed_seconds"))
+        manifest = {**manifest_extra, "summary": summary, "verified": True,
+                    "files": self.outputs()}
+        with open(self.tmp + MANIFEST, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2, ensure_ascii=False)
+        self.publish()
+        return manifest
+
+    def seal(self, elapsed: float | None = None) -> dict:
+        """Flush, write the index, check it against the .bin's size; return the summary.
+        Nothing is published yet (``publish``)."""
         t0 = time.perf_counter()
         self._close_group()
         self._pending_docs.extend(self.packer.flush())
         self._write_pending()
-        self._bin.close()
+        bin_bytes = self._bin.tell()
+        if not self.remote:  # a remote .bin's upload completes in publish()
+            self._bin.close()
         with open(self.tmp + ".idx", "wb") as f:
             self.index.write_index(f)
         if self._rejects:
             self._rejects.close()
         self.write_seconds += time.perf_counter() - t0
-        idxmap.check_sft_layout(idxmap.IndexedReader(self.tmp), self.S, self.pad_id,
-                                self.vocab_size, contents=False)
+        idxmap.check_index(idxmap.read_index(self.tmp + ".idx"), bin_bytes, self.S)
         summary = self.summary()
-        elapsed = manifest_extra.get("elapsed_seconds")
         if elapsed:
             summary["elapsed_seconds"] = elapsed
             summary["tokens_per_second"] = round(summary["tokens"] / elapsed)
@@ -193,14 +208,13 @@ class SFTWriter:
                                                                    summary["samples_written"]):
             raise RuntimeError(f"the checked documents disagree with the writer's counts: "
                                f"{self.checked} against {summary}")
-        manifest = {**manifest_extra, "summary": summary, "verified": True,
-                    "files": {s.lstrip("."): self.prefix + s for s in SUFFIXES}}
+        return summary
+
+    def outputs(self) -> dict[str, str]:
+        files = {s.lstrip("."): self.prefix + s for s in SUFFIXES}
         if self._rejects:
-            manifest["files"]["rejects"] = self.prefix + REJECTS
-        with open(self.tmp + MANIFEST, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, ensure_ascii=False)
-        self._publish()
-        return manifest
+            files["rejects"] = self.prefix + REJECTS
+        return files
 
     def summary(self) -> dict:
         docs, S = self.index.documents, self.S
@@ -228,25 +242,30 @@ class SFTWriter:
             if self.write_seconds else None,
         }
 
-    def _publish(self) -> None:
-        names = list(SUFFIXES) + ([REJECTS] if self._rejects else []) + [MANIFEST]
+    def publish(self) -> None:
+        """Give the sealed files their final names: .bin, .idx, rejects, the manifest (if
+        written) last, after removing the old output's files in ``STALE_ORDER``."""
+        names = list(SUFFIXES) + ([REJECTS] if self._rejects else [])
+        names += [MANIFEST] if os.path.exists(self.tmp + MANIFEST) else []
+        remove_stale(self.prefix, self.storage_options)
         if not self.remote:
-            for stale in STALE_ORDER:
-                if os.path.exists(self.prefix + stale):
-                    os.remove(self.prefix + stale)
             for s in names:
                 os.replace(self.tmp + s, self.prefix + s)
             return
         fs, path = filesystem(self.prefix, self.storage_options)
-        for stale in STALE_ORDER:
-            if fs.exists(path + stale):
-                fs.rm_file(path + stale)
         uploaded: list[str] = []
         try:
-            for s in names:  # .bin, then .idx, the manifest last
-                upload(self.tmp + s, self.prefix + s, self.storage_options, self._spill)
+            self._bin.close()  # completes the multipart upload: the .bin appears now
+            uploaded.append(".bin")
+            fs.invalidate_cache()
+            if fs.size(path + ".bin") != self._bin.size:
+                raise OSError(f"upload of {self.prefix}.bin is incomplete: "
+                              f"{fs.size(path + '.bin')} of {self._bin.size} bytes arrived")
+            for s in names[1:]:  # .idx, rejects, the manifest last
+                upload_file(self.tmp + s, self.prefix + s, self.storage_options, self._spill)
                 uploaded.append(s)
         except BaseException:
+            self._bin.abort()
             for s in reversed(uploaded):  # leave no .idx or .bin of a half-published output
                 with contextlib.suppress(Exception):
                     fs.rm_file(path + s)
@@ -254,7 +273,10 @@ class SFTWriter:
         shutil.rmtree(self._spill, ignore_errors=True)
 
     def abort(self) -> None:
-        """Delete every temporary file; a failed run leaves nothing that looks like output."""
+        """Delete every temporary file and abort the .bin's multipart upload; a failed run
+        leaves nothing that looks like output."""
+        if self.remote:
+            self._bin.abort()
         for f in (self._bin, self._rejects):
             if f is not None and not f.closed:
                 f.close()
@@ -263,3 +285,16 @@ class SFTWriter:
                 os.remove(self.tmp + s)
         if self._spill:
             shutil.rmtree(self._spill, ignore_errors=True)
+
+
+def remove_stale(prefix: str, storage_options: dict | None = None) -> None:
+    """Remove an old output at ``prefix`` in ``STALE_ORDER`` (its index first)."""
+    if not is_remote(prefix):
+        for stale in STALE_ORDER:
+            if os.path.exists(prefix + stale):
+                os.remove(prefix + stale)
+        return
+    fs, path = filesystem(prefix, storage_options)
+    for stale in STALE_ORDER:
+        if fs.exists(path + stale):
+            fs.rm_file(path + stale)

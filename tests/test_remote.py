@@ -153,16 +153,15 @@ def test_build_on_the_store_gives_the_local_bytes_and_shows_no_secret(
         assert SECRET not in text
 
     if store.protocol == "s3":
-        assert fs.info(out + ".bin")["ETag"].endswith('-3"')  # 3 parts: 5 + 5 + 0.5 MiB
+        assert fs.info(out + ".bin")["ETag"].endswith('-2"')  # 2 parts streamed: 8 + 2.5 MiB
     else:
         writes = _writes(store, bucket)
         bin_parts = [m for m, k in writes if k == ".bin" and m == "PUT"]
-        assert len(bin_parts) == 3, writes  # multipart: 3 part uploads
-        first_bin = next(i for i, (m, k) in enumerate(writes) if k == ".bin" and m != "DELETE")
-        assert writes.index(("DELETE", ".idx")) < first_bin
+        assert len(bin_parts) == 2, writes  # streamed as 2 parts
+        completed = writes.index(("POST", ".bin"), writes.index(("POST", ".bin")) + 1)
+        assert writes.index(("DELETE", ".idx")) < completed  # the old index goes first
         assert writes[-1] == ("PUT", ".manifest.json")
-        assert max(i for i, (m, k) in enumerate(writes) if k == ".bin") < writes.index(
-            ("PUT", ".idx"))
+        assert completed < writes.index(("PUT", ".idx"))
 
 
 def test_a_missing_output_bucket_fails_without_showing_the_secret(store, ray_session, qwen_dir,
