@@ -30,9 +30,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from sftprep import idxmap
 from sftprep.packing import Document, Piece, make_packer
+from sftprep.shards import TASK_COLUMN
 from sftprep.sink import MultipartSink, upload_file
 from sftprep.storage import filesystem, is_remote
 from sftprep.tokenize import DROPPED, OK, REJECTED
@@ -53,8 +55,9 @@ class SFTWriter:
     def __init__(self, document_prefix: str, files: list[str], seq_length: int, pad_id: int,
                  packing: str = "none", pack_window: int = 2000, on_error: str = "fail",
                  storage_options: dict | None = None, spill_dir: str | None = None,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, owns: tuple[int, int] | None = None):
         self.prefix = document_prefix
+        self.owns = owns  # (first, last) read task of this shard's rows (``shards``); None: all
         self.files = files
         self.S = seq_length
         self.pad_id = pad_id
@@ -93,6 +96,10 @@ class SFTWriter:
     def consume(self, table: pa.Table) -> dict:
         """Take one block of the tokenizer stage's output (rows in input order)."""
         t0 = time.perf_counter()
+        if self.owns is not None:  # a block may also hold other shards' rows
+            tasks = table[TASK_COLUMN]
+            table = table.filter(pc.and_(pc.greater_equal(tasks, self.owns[0]),
+                                         pc.less_equal(tasks, self.owns[1])))
         ids_col, labels_col = table["input_ids"].combine_chunks(), table["labels"].combine_chunks()
         ids_values = ids_col.values.to_numpy()
         labels_values = labels_col.values.to_numpy()
