@@ -16,6 +16,7 @@ Part sizes: ``FIRST_PART`` for the first 1000 parts, then doubling every 1000 pa
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import threading
@@ -245,7 +246,8 @@ class MultipartSink:
                 except Exception as e:
                     raise _store_error(self.url, e) from e
         except BaseException:
-            self.abort()
+            with contextlib.suppress(Exception):  # the first error is the one to report
+                self.abort()
             raise
         self._cleanup()
 
