@@ -130,34 +130,37 @@ def main(argv=None) -> int:
         "writer none (1 shard)": in_bytes / writers["none"]["cpu_seconds"],
         "writer bfd (1 shard)": in_bytes / writers["bfd"]["cpu_seconds"],
     }
-    upload_rate = upload["bytes"] / upload["seconds"]  # output bytes/s
-    for m in ("none", "bfd"):
-        rates[f"upload {m} (1 shard)"] = upload_rate * in_bytes / writers[m]["out_bytes"]
+    out_per_in = {m: writers[m]["out_bytes"] / in_bytes for m in writers}
+    upload_rate = upload["bytes"] / upload["seconds"]  # output bytes/s, bound by moto
+    client_rate = upload["bytes"] / upload["cpu_seconds"]  # output bytes per CPU second
 
     print(f"corpus: {args.records:,} records, {in_bytes / 1e6:.1f} MB JSONL, "
           f"{tokens:,} tokens ({tokens / in_bytes:.3f} tokens/byte), S={args.seq_length}")
-    print(f"output bytes per input byte: none {writers['none']['out_bytes'] / in_bytes:.1f}, "
-          f"bfd {writers['bfd']['out_bytes'] / in_bytes:.2f}")
-    print(f"upload: {upload_rate / 1e6:.0f} MB/s of output to loopback S3, "
-          f"{upload['cpu_seconds'] / upload['seconds']:.2f} cores busy")
+    print(f"output bytes per input byte: none {out_per_in['none']:.1f}, "
+          f"bfd {out_per_in['bfd']:.2f} (efficiency {writers['bfd']['efficiency']:.1%})")
+    print(f"upload: {upload_rate / 1e6:.0f} MB/s of output to loopback S3 (moto's own CPU is "
+          f"the limit); the sink's client side: {client_rate / 1e6:,.0f} MB/s per CPU second")
     print()
-    print(f"| stage | MB/s of input | tokens/s |")
-    print(f"|---|---:|---:|")
+    print("| stage | MB/s of JSONL input | tokens/s |")
+    print("|---|---:|---:|")
     for name, r in rates.items():
         print(f"| {name} | {r / 1e6:,.1f} | {r * tokens / in_bytes / 1e6:,.2f}M |")
+    for m in ("none", "bfd"):
+        r = upload_rate / out_per_in[m]
+        print(f"| upload {m} to loopback S3 (1 shard) | {r / 1e6:,.1f} | "
+              f"{r * tokens / in_bytes / 1e6:,.2f}M |")
     print()
     tok = rates["tokenize (1 core)"]
-    print("| packing | shards | writer+upload cap MB/s | tokenizer cores at the cap | "
-          "1 TB at the cap |")
-    print("|---|---:|---:|---:|---:|")
+    print("| packing | shards | writers' cap, MB/s of input | store bandwidth needed, MB/s | "
+          "tokenizer cores to reach the cap | 1 TB JSONL at the cap |")
+    print("|---|---:|---:|---:|---:|---:|")
     for m in ("none", "bfd"):
-        per_shard = min(rates[f"writer {m} (1 shard)"], rates[f"upload {m} (1 shard)"])
         for n in SHARDS:
-            cap = n * per_shard
-            print(f"| {m} | {n} | {cap / 1e6:,.0f} | {cap / tok:,.0f} | "
-                  f"{TB / cap / 3600:,.1f} h |")
+            cap = n * rates[f"writer {m} (1 shard)"]
+            print(f"| {m} | {n} | {cap / 1e6:,.0f} | {cap * out_per_in[m] / 1e6:,.0f} | "
+                  f"{cap / tok:,.0f} | {TB / cap / 3600:,.1f} h |")
     print()
-    print("1 TB with C tokenizer cores (tokenizer-bound below the cap): " + ", ".join(
+    print("1 TB JSONL with C tokenizer cores, below the writers' cap: " + ", ".join(
         f"{c} cores {TB / (c * tok) / 3600:,.1f} h" for c in (16, 64, 256, 1024)))
     return 0
 
