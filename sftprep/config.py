@@ -179,7 +179,7 @@ def validate(config: BuildConfig, need_tokenizer: bool = True, need_output: bool
         raise ConfigError(f"--pack-window {config.packing.window}: must be >= 1")
     if need_output and config.output.prefix in (REQUIRED, None, ""):
         raise ConfigError("no output: give --output-prefix P (writes P_text_document.bin/.idx)")
-    if not isinstance(config.output.shards, int) or config.output.shards < 1:
+    if need_output and (not isinstance(config.output.shards, int) or config.output.shards < 1):
         raise ConfigError(f"--shards {config.output.shards!r}: must be an integer >= 1")
     run = config.run
     if run.workers is not None and run.workers < 1:
