@@ -331,12 +331,14 @@ def run_build(path: str, tokenizer: str, seq_length: int, packing: str, out_dir:
 def tokenized_blocks(path: str, config, limit: int) -> list:
     """The Tokenize stage's output for the first ``limit`` records, one table per read block."""
     import pyarrow as pa
+    import pyarrow.compute as pc
     from sftprep.pipeline import tokenize_spec
-    from sftprep.sources import read_records
+    from sftprep.sources import ReadRange, read_range
     from sftprep.tokenize import Tokenize
 
     stage, blocks, seen = Tokenize(tokenize_spec(config)), [], 0
-    for block in read_records(path, {}, 0, config.run.block_records):
+    for block in read_range(ReadRange(0, path), 0, {}, config.run.block_records):
+        block = block.filter(pc.is_valid(block["text"]))  # the replay sends its own end row
         block = block.slice(0, limit - seen)
         parts = [stage(block.slice(i, config.run.batch_size))
                  for i in range(0, block.num_rows, config.run.batch_size)]
@@ -352,6 +354,7 @@ def run_writer(path: str, tokenizer: str, seq_length: int, packing: str, out_dir
     import pyarrow as pa
     import pyarrow.compute as pc
     from sftprep.template import load_tokenizer
+    from sftprep.tokenize import END, SCHEMA
     from sftprep.writer import SFTWriter
 
     config = build_config(path, tokenizer, seq_length, packing, os.path.join(out_dir, "out"))
@@ -371,12 +374,15 @@ def run_writer(path: str, tokenizer: str, seq_length: int, packing: str, out_dir
                 b = b.slice(0, n - records)
                 if rep:
                     shift = pa.scalar(rep * stride, pa.int64())
-                    b = b.set_column(1, "line", pc.add(b["line"], shift))
+                    b = b.set_column(b.schema.get_field_index("line"), "line",
+                                     pc.add(b["line"], shift))
                 records += b.num_rows
                 c0, t0 = time.thread_time(), time.perf_counter()
                 writer.consume(b)
                 busy += time.perf_counter() - t0
                 cpu += time.thread_time() - c0
+        writer.consume(pa.Table.from_pylist([{"task": 0, "file": 0, "line": 0, "element": -1,
+                                              "sample": -1, "status": END}], schema=SCHEMA))
         c0, t0 = time.thread_time(), time.perf_counter()
         manifest = writer.finish({})
         busy += time.perf_counter() - t0

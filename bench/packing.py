@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from sftprep.demo import qwen_tokenizer_dir
 from sftprep.packing import Piece, make_packer
+from sftprep.sources import record_table
 from sftprep.tokenize import Tokenize, TokenizeSpec
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -32,9 +33,7 @@ def token_lengths(paths: list[str]) -> tuple[list[int], float]:
             raw += [json.dumps(x, ensure_ascii=False).encode() for x in json.load(f)]
     stage = Tokenize(TokenizeSpec(qwen_tokenizer_dir(), 1 << 30))
     t0 = time.perf_counter()
-    out = stage(pa.table({"file": pa.array([0] * len(raw), pa.int32()),
-                          "line": pa.array(range(1, len(raw) + 1), pa.int64()),
-                          "text": pa.array(raw, pa.binary())}))
+    out = stage(record_table(0, 0, [(i + 1, -1, text) for i, text in enumerate(raw)]))
     per_sample = (time.perf_counter() - t0) / len(raw)
     return out["tokens"].to_pylist(), per_sample
 

@@ -30,9 +30,11 @@ import ray
 import sftprep
 from sftprep.config import BuildConfig, ConfigError, validate
 from sftprep.sources import SCHEMA as RECORD_SCHEMA
-from sftprep.sources import InputFile, expand_inputs, read_records
 from sftprep.shards import (combine_summaries, data_path_argument, shard_of_tasks,
-                            shard_prefix, task_ranges, task_span, write_manifest)
+                            shard_prefix, task_ranges, task_reach, task_span,
+                            write_manifest)
+from sftprep.sources import (InputFile, ReadRange, auto_split_bytes, expand_inputs, plan_reads,
+                             read_range)
 from sftprep.storage import filesystem, is_remote, redact, resolve_options
 from sftprep.template import load_tokenizer, tokenizer_fingerprint
 from sftprep.tokenize import Tokenize, TokenizeSpec
@@ -54,23 +56,24 @@ STORE_BLOCKS_PER_CPU = 16
 
 
 class RecordSource(ray.data.Datasource):
-    """One read task per input file, streaming it as blocks of raw records (see ``sources``)."""
+    """One read task per planned range (a file, or a part of a large one), streaming it as
+    blocks of raw records (see ``sources``); task ``k`` reads ``plan[k]``."""
 
-    def __init__(self, files: list[InputFile], storage_options: dict, block_records: int):
-        self.files = files
+    def __init__(self, plan: list[ReadRange], storage_options: dict, block_records: int):
+        self.plan = plan
         self.storage_options = storage_options
         self.block_records = block_records
 
     def estimate_inmemory_data_size(self) -> int:
-        return sum(f.size for f in self.files)
+        return sum(r.size for r in self.plan)
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit=None, data_context=None):
         tasks = []
-        for index, f in enumerate(self.files):
-            def read(url=f.url, index=index) -> Iterator[pa.Table]:
-                yield from read_records(url, self.storage_options, index, self.block_records)
-            meta = ray.data.block.BlockMetadata(num_rows=None, size_bytes=f.size,
-                                                input_files=[f.url], exec_stats=None)
+        for task, r in enumerate(self.plan):
+            def read(r=r, task=task) -> Iterator[pa.Table]:
+                yield from read_range(r, task, self.storage_options, self.block_records)
+            meta = ray.data.block.BlockMetadata(num_rows=None, size_bytes=r.size,
+                                                input_files=[r.url], exec_stats=None)
             tasks.append(ray.data.ReadTask(read, meta, schema=RECORD_SCHEMA))
         return tasks
 
@@ -100,7 +103,17 @@ def cluster_cpus() -> float:
     return ray.cluster_resources().get("CPU", 1)
 
 
-def record_dataset(config: BuildConfig, files: list[InputFile]) -> ray.data.Dataset:
+def read_plan(config: BuildConfig, files: list[InputFile]) -> list[ReadRange]:
+    """The read tasks: large files split in ranges of ``source.split_bytes`` (default: enough
+    ranges for every CPU of the cluster, see ``sources.auto_split_bytes``)."""
+    split = config.source.split_bytes
+    if split is None:
+        split = auto_split_bytes(files, cluster_cpus())
+    return plan_reads(files, split, resolve_options([f.url for f in files],
+                                                    config.source.storage_options))
+
+
+def record_dataset(config: BuildConfig, plan: list[ReadRange]) -> ray.data.Dataset:
     """The read stage: raw records in input order.
 
     The settings go on the current DataContext before the dataset exists: a dataset keeps a
@@ -112,16 +125,16 @@ def record_dataset(config: BuildConfig, files: list[InputFile]) -> ray.data.Data
         object_store_memory=max(2, int(cluster_cpus())) * STORE_BLOCKS_PER_CPU * BLOCK_BYTES)
     ctx.target_max_block_size = BLOCK_BYTES
     ctx.enable_progress_bars = config.run.progress
-    options = resolve_options([f.url for f in files], config.source.storage_options)
+    options = resolve_options([r.url for r in plan], config.source.storage_options)
     return ray.data.read_datasource(
-        RecordSource(files, options, config.run.block_records),
+        RecordSource(plan, options, config.run.block_records),
         num_cpus=READ_CPUS)
 
 
-def tokenized_dataset(config: BuildConfig, files: list[InputFile],
+def tokenized_dataset(config: BuildConfig, plan: list[ReadRange],
                       stage: type[Tokenize] = Tokenize) -> ray.data.Dataset:
     """The read and tokenize stages, in input order (``stage``: Tokenize or a subclass)."""
-    ds = record_dataset(config, files)
+    ds = record_dataset(config, plan)
     cpus = cluster_cpus()
     workers = config.run.workers or max(1, int(cpus))
     actor_cpus = round(min(1.0, cpus / workers) * ACTOR_CPU_SHARE, 3)
@@ -157,18 +170,22 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
     tok = load_tokenizer(config.template.tokenizer, config.template.pad_token,
                          config.template.chat_template)
     ensure_ray()
+    plan = read_plan(config, files)
     options = resolve_options([config.document_prefix], config.source.storage_options)
-    task_shard = shard_of_tasks([f.size for f in files], config.output.shards)
-    writers = start_writers(config, files, tok, options, task_shard)
+    task_shard = shard_of_tasks([r.size for r in plan], config.output.shards)
+    writers = start_writers(config, files, plan, tok, options, task_shard)
     try:
-        feed(tokenized_dataset(config, files), writers, task_shard, on_progress, started)
+        reach = task_reach([r.file for r in plan], task_ranges(task_shard, len(writers)))
+        feed(tokenized_dataset(config, plan), writers, reach, on_progress, started)
         elapsed = time.time() - started
         extra = {
             "sftprep_version": sftprep.__version__,
             "ray_version": ray.__version__,
             "created_unix": round(started, 3),
             "elapsed_seconds": round(elapsed, 3),
-            "inputs": [{"url": f.url, "bytes": f.size} for f in files],
+            "inputs": [{"url": f.url, "bytes": f.size,
+                        "read_tasks": sum(r.file == i for r in plan)}
+                       for i, f in enumerate(files)],
             "tokenizer": {"path": config.template.tokenizer,
                           "sha256": tokenizer_fingerprint(config.template.tokenizer, tok),
                           "pad_token": tok.pad_token, "pad_id": tok.pad_token_id,
@@ -192,8 +209,8 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
     return manifest
 
 
-def start_writers(config: BuildConfig, files: list[InputFile], tok, options: dict,
-                  task_shard: list[int]) -> list:
+def start_writers(config: BuildConfig, files: list[InputFile], plan: list[ReadRange], tok,
+                  options: dict, task_shard: list[int]) -> list:
     """One writer actor per shard, on the driver's node for a local output, else spread."""
     if is_remote(config.document_prefix):
         placement = "SPREAD"
@@ -206,15 +223,15 @@ def start_writers(config: BuildConfig, files: list[InputFile], tok, options: dic
         num_cpus=0, max_restarts=0, scheduling_strategy=placement,
     ).remote(prefix, [f.url for f in files], config.template.seq_length, tok.pad_token_id,
              config.packing.mode, config.packing.window, config.source.on_error, options,
-             config.output.spill_dir, len(tok), owns=own)
+             config.output.spill_dir, len(tok), [r.file for r in plan], owns=own)
         for prefix, own in zip(prefixes, owns)]
 
 
-def feed(ds: ray.data.Dataset, writers: list, task_shard: list[int],
+def feed(ds: ray.data.Dataset, writers: list, reach: list[tuple[int, int]],
          on_progress: Callable[[dict], None] | None, started: float) -> None:
-    """Hand every block, in input order, to the writer(s) owning its rows; the writers' answers
-    give the progress. With one writer no routing is needed; with several, a zero-CPU task
-    names each block's first and last read task (``shards.task_span``)."""
+    """Hand every block, in input order, to the writer(s) whose ``reach`` (``shards.task_reach``)
+    its rows fall in; the writers' answers give the progress. With one writer no routing is
+    needed; with several, a zero-CPU task names each block's first and last read task."""
     in_flight: deque = deque()
     spans: deque = deque()
     latest = [{} for _ in writers]
@@ -238,7 +255,8 @@ def feed(ds: ray.data.Dataset, writers: list, task_shard: list[int],
     def route(block_ref, span_ref) -> None:
         span = ray.get(span_ref)
         if span is not None:
-            send(block_ref, sorted(set(task_shard[span[0]:span[1] + 1])))
+            send(block_ref, [k for k, (a, b) in enumerate(reach)
+                             if a <= span[1] and span[0] <= b])
 
     for bundle in ds.iter_internal_ref_bundles():
         for block_ref in bundle.block_refs:

@@ -31,7 +31,7 @@ import ray
 from sftprep.sink import MultipartSink
 from sftprep.storage import is_remote
 
-TASK_COLUMN = "file"  # the read task's identity in every row (one read task per input file)
+TASK_COLUMN = "task"  # the read task's identity in every row
 
 
 def shard_of_tasks(task_bytes: list[int], shards: int) -> list[int]:
@@ -52,6 +52,19 @@ def task_ranges(task_shard: list[int], shards: int) -> list[tuple[int, int]]:
         tasks = [t for t, s in enumerate(task_shard) if s == k]
         ranges.append((tasks[0], tasks[-1]) if tasks else (0, -1))
     return ranges
+
+
+def task_reach(task_files: list[int], ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``(first, last)`` read task whose rows each shard must see: its own, and before them
+    the earlier tasks of its first file, whose end rows give its lines their true numbers
+    (the writer keeps only their end rows)."""
+    out = []
+    for lo, hi in ranges:
+        first = lo
+        while hi >= lo and first > 0 and task_files[first - 1] == task_files[lo]:
+            first -= 1
+        out.append((first, hi))
+    return out
 
 
 @ray.remote(num_cpus=0)

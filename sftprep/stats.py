@@ -34,8 +34,9 @@ from sftprep.config import (ConfigError, PackingConfig, RunConfig, SourceConfig,
                             opt, validate)
 from sftprep.packing import MODES, Piece, make_packer
 from sftprep.records import RecordError, parse_group
-from sftprep.sources import expand_inputs
-from sftprep.tokenize import DROPPED, OK, REJECTED, Tokenize
+from sftprep.sources import ORIGIN, Origins, describe, expand_inputs
+from sftprep.tokenize import DROPPED, END, OK, REJECTED, Tokenize
+from sftprep.tokenize import SCHEMA as TOKENIZE_SCHEMA
 from sftprep.writer import BadRecordError
 
 LADDER = [512, 1024, 2048, 4096, 8192]
@@ -44,9 +45,10 @@ PERCENTILES = (50, 90, 95, 99, 99.9)
 BAD_EXAMPLES = 20        # bad records listed in stats.json and on screen (all in the .jsonl)
 STATS_JSON, HISTOGRAM, BAD_RECORDS = "stats.json", "token_lengths.png", "bad_records.jsonl"
 
-# What the stage sends to the driver: one row per sample, or per rejected line (sample -1).
+# What the stage sends to the driver: one row per sample, per rejected record (sample -1) and
+# per read task's end (status end).
 SCHEMA = pa.schema([
-    ("file", pa.int32()), ("line", pa.int64()), ("sample", pa.int32()),
+    *(TOKENIZE_SCHEMA.field(name) for name in ORIGIN), ("sample", pa.int32()),
     ("status", pa.string()), ("reason", pa.string()), ("detail", pa.string()),
     ("chars", pa.int32()),           # characters of all message contents
     ("tokens", pa.int32()),          # full token length (null without a tokenizer)
@@ -112,16 +114,21 @@ def record_chars(raw: bytes, format: str, columns: dict) -> list[int] | RecordEr
 
 def char_lengths(batch: pa.Table, format: str = "auto", columns: dict | None = None) -> pa.Table:
     """The stage without a tokenizer: raw records in, one row per sample out (``SCHEMA``)."""
-    rows = []
-    for f, line, raw in zip(batch["file"].to_pylist(), batch["line"].to_pylist(),
-                            batch["text"].to_pylist()):
+    rows = []  # (batch row, sample, status, reason, detail, chars)
+    for i, raw in enumerate(batch["text"].to_pylist()):
+        if raw is None:  # a read task's end row
+            rows.append((i, -1, END, None, None, None))
+            continue
         counts = record_chars(raw, format, columns or {})
         if isinstance(counts, RecordError):
-            rows.append((f, line, -1, REJECTED, counts.reason, counts.detail, None))
+            rows.append((i, -1, REJECTED, counts.reason, counts.detail, None))
         else:
-            rows += [(f, line, k, OK, None, None, n) for k, n in enumerate(counts)]
-    cols = list(zip(*rows)) if rows else [[]] * 7
-    arrays = [pa.array(c, SCHEMA.field(i).type) for i, c in enumerate(cols)]
+            rows += [(i, k, OK, None, None, n) for k, n in enumerate(counts)]
+    cols = list(zip(*rows)) if rows else [[]] * 6
+    origin = batch.select(list(ORIGIN)).take(pa.array(cols[0], pa.int64()))
+    arrays = [origin[name].combine_chunks() for name in ORIGIN]
+    arrays += [pa.array(c, SCHEMA.field(name).type)
+               for c, name in zip(cols[1:], ("sample", "status", "reason", "detail", "chars"))]
     arrays += [pa.nulls(len(rows), pa.int32())] * 2  # no tokenizer: no token lengths
     return pa.Table.from_arrays(arrays, schema=SCHEMA)
 
@@ -134,10 +141,10 @@ class TokenLengths(Tokenize):
 
 
 
-def lengths_dataset(config: StatsConfig, files) -> ray.data.Dataset:
+def lengths_dataset(config: StatsConfig, plan) -> ray.data.Dataset:
     if config.template.tokenizer:
-        return pipeline.tokenized_dataset(config, files, stage=TokenLengths)
-    return pipeline.record_dataset(config, files).map_batches(
+        return pipeline.tokenized_dataset(config, plan, stage=TokenLengths)
+    return pipeline.record_dataset(config, plan).map_batches(
         char_lengths, batch_size=config.run.batch_size, batch_format="pyarrow",
         fn_kwargs={"format": config.source.format, "columns": config.source.columns})
 
@@ -165,29 +172,36 @@ class SampleLengths:
 class Collector:
     """Takes the stage's blocks in input order; keeps int32 lengths and the bad-record list."""
 
-    def __init__(self, files: list[str], on_error: str, bad_path: str | None):
-        self.files = files
+    def __init__(self, files: list[str], on_error: str, bad_path: str | None,
+                 read_tasks: list[int] | None = None):
+        self.origins = Origins(files, list(range(len(files))) if read_tasks is None
+                               else read_tasks)
         self.on_error = on_error
         self.bad_path = bad_path
         self._bad_file = None
         self.parts: dict[str, list[np.ndarray]] = {f.name: [] for f in fields(SampleLengths)}
         self.records = 0
-        self._last = (-1, -1)
+        self._last = (-1, -1, -1)
         self.bad_count = 0
         self.bad_reasons: Counter = Counter()
         self.bad_examples: list[dict] = []
         self.dropped_reasons: Counter = Counter()
 
     def add(self, t: pa.Table) -> None:
+        status = t["status"]
+        marks = t.filter(pc.is_in(status, pa.array([END, REJECTED])))
+        if marks.num_rows:  # in input order: each task's lines counted before they are used
+            self._ends_and_rejects(marks)
+        t = t.filter(pc.not_equal(status, END))
         if t.num_rows == 0:
             return
-        file, line = t["file"].to_numpy(), t["line"].to_numpy()
-        new = np.ones(len(file), dtype=bool)
-        new[1:] = (file[1:] != file[:-1]) | (line[1:] != line[:-1])
-        new[0] = (int(file[0]), int(line[0])) != self._last
+        key = [t[n].to_numpy() for n in ("task", "line", "element")]
+        new = np.ones(t.num_rows, dtype=bool)
+        new[1:] = np.any([k[1:] != k[:-1] for k in key], axis=0)
+        new[0] = tuple(int(k[0]) for k in key) != self._last
         group = self.records + np.cumsum(new) - 1
         self.records = int(group[-1]) + 1
-        self._last = (int(file[-1]), int(line[-1]))
+        self._last = tuple(int(k[-1]) for k in key)
         sample = t["sample"].to_numpy() >= 0
         status = t["status"]
         for name, col in (("chars", "chars"), ("tokens", "tokens"), ("prompt", "prompt_tokens")):
@@ -197,16 +211,18 @@ class Collector:
         self.parts["ok"].append(pc.equal(status, OK).to_numpy(zero_copy_only=False)[sample])
         dropped = t.filter(pc.equal(status, DROPPED))
         self.dropped_reasons.update(dropped["reason"].to_pylist())
-        rejected = t.filter(pc.equal(status, REJECTED))
-        if rejected.num_rows:
-            self._bad(rejected)
 
-    def _bad(self, rejected: pa.Table) -> None:
-        for f, line, reason, detail in zip(*(rejected[n].to_pylist()
-                                             for n in ("file", "line", "reason", "detail"))):
-            entry = {"file": self.files[f], "line": line, "reason": reason, "detail": detail}
+    def _ends_and_rejects(self, rows: pa.Table) -> None:
+        """Read tasks' ends and rejected records, in input order."""
+        for task, f, line, element, status, reason, detail in zip(*(rows[n].to_pylist() for n in (
+                "task", "file", "line", "element", "status", "reason", "detail"))):
+            if status == END:
+                self.origins.end(task, line)
+                continue
+            self.origins.enter(task)
+            entry = {**self.origins.locate(f, line, element), "reason": reason, "detail": detail}
             if self.on_error == "fail":
-                raise BadRecordError(f"{entry['file']}:{line}: {reason}: {detail}\n(fix the "
+                raise BadRecordError(f"{describe(entry)}: {reason}: {detail}\n(fix the "
                                      "record, or run with --on-error skip to count and list "
                                      "bad records)")
             self.bad_count += 1
@@ -219,6 +235,7 @@ class Collector:
                 self._bad_file.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
     def finish(self) -> SampleLengths:
+        self.origins.finish()
         if self._bad_file:
             self._bad_file.close()
         return SampleLengths(**{name: np.concatenate(p) if p else
@@ -318,10 +335,12 @@ def run(config: StatsConfig) -> dict:
             if os.path.exists(os.path.join(out_dir, name)):
                 os.remove(os.path.join(out_dir, name))
     pipeline.ensure_ray()
+    plan = pipeline.read_plan(config, files)
     collector = Collector([f.url for f in files], config.source.on_error,
-                          os.path.join(out_dir, BAD_RECORDS) if out_dir else None)
+                          os.path.join(out_dir, BAD_RECORDS) if out_dir else None,
+                          [r.file for r in plan])
     columns = SCHEMA.names
-    for batch in lengths_dataset(config, files).iter_batches(batch_size=None,
+    for batch in lengths_dataset(config, plan).iter_batches(batch_size=None,
                                                              batch_format="pyarrow"):
         collector.add(batch.select(columns))
     lengths = collector.finish()
@@ -384,7 +403,7 @@ def summary_text(stats: dict) -> str:
              f"records {stats['records']:,}, samples {stats['samples']:,}, "
              f"bad records {bad['count']:,}" + _reasons(bad["by_reason"])]
     for e in bad["examples"][:10]:
-        lines.append(f"  {e['file']}:{e['line']}: {e['reason']}: {e['detail']}")
+        lines.append(f"  {describe(e)}: {e['reason']}: {e['detail']}")
     if "tokens" in stats:
         lines += ["", _token_table(stats["tokens"]), "", _ladder_table(stats)]
         at = stats["at_seq_length"]

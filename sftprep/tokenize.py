@@ -2,8 +2,9 @@
 
 Runs in ``map_batches`` on an actor pool: the tokenizer is loaded once per actor in
 ``__init__``; ``__call__`` parses a batch of records, renders every conversation, and encodes all
-of them in one batch call of the fast tokenizer. Rows keep their ``(file, line)`` origin and the
-sample's index within its line, so the ordered stage can rebuild groups and report problems.
+of them in one batch call of the fast tokenizer. Rows keep their record's origin (the read rows'
+``ORIGIN`` columns) and the sample's index within its record, so the ordered stage can rebuild
+groups and report problems; a read task's end row is passed on as a row of status ``end``.
 
 Per sample, with ``L`` tokens and trained spans from the template (contract, "One sample"):
 ``labels[t] = ids[t+1]`` where token ``t+1`` is trained, else ``-100``; ``labels[L-1] = -100``;
@@ -21,14 +22,16 @@ import pyarrow as pa
 
 from sftprep.idxmap import IGNORE_INDEX
 from sftprep.records import RecordError, parse_group
+from sftprep.sources import ORIGIN
+from sftprep.sources import SCHEMA as RECORD_SCHEMA
 from sftprep.template import ChatRenderer, TemplateError, load_tokenizer
 
-OK, REJECTED, DROPPED = "ok", "rejected", "dropped"
+OK, REJECTED, DROPPED, END = "ok", "rejected", "dropped", "end"
 REJECT_TEXT_CHARS = 2000
 SCHEMA = pa.schema([
-    ("file", pa.int32()), ("line", pa.int64()),
-    ("sample", pa.int32()),          # index within the line's group; -1 for a whole-line reject
-    ("status", pa.string()),         # ok | rejected (bad input) | dropped (too long)
+    *(RECORD_SCHEMA.field(name) for name in ORIGIN),  # line: the task's line count at its end
+    ("sample", pa.int32()),          # index within the record's group; -1: a whole record
+    ("status", pa.string()),         # ok | rejected (bad input) | dropped (too long) | end
     ("reason", pa.string()), ("detail", pa.string()), ("text", pa.string()),
     ("tokens", pa.int32()),          # full length before any cut
     ("prompt_tokens", pa.int32()),   # tokens before the first trained one
@@ -61,27 +64,33 @@ class Tokenize:
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out = _Rows()
-        todo = []  # in input order: (file, line, sample index, raw text, Rendered or RecordError)
-        for f, line, raw in zip(batch["file"].to_pylist(), batch["line"].to_pylist(),
-                                batch["text"].to_pylist()):
+        todo = []  # in input order: (batch row, sample index, raw text, Rendered, RecordError
+        #            or None for a read task's end row)
+        for i, raw in enumerate(batch["text"].to_pylist()):
+            if raw is None:
+                todo.append((i, -1, raw, None))
+                continue
             try:
                 rendered = [self.render(c) for c in parse_group(raw, self.spec.format, self.columns)]
             except TemplateError as e:
-                todo.append((f, line, -1, raw, RecordError("template", str(e))))
+                todo.append((i, -1, raw, RecordError("template", str(e))))
             except RecordError as e:
-                todo.append((f, line, -1, raw, e))
+                todo.append((i, -1, raw, e))
             else:
-                todo += [(f, line, k, raw, r) for k, r in enumerate(rendered)]
+                todo += [(i, k, raw, r) for k, r in enumerate(rendered)]
         encodings = iter(self.encoder.encode_batch(
-            [r.text for *_, r in todo if not isinstance(r, RecordError)], add_special_tokens=False))
-        for f, line, k, raw, r in todo:
-            if isinstance(r, RecordError):
-                out.problem(f, line, k, REJECTED, r.reason, r.detail, raw)
+            [r.text for *_, r in todo if r is not None and not isinstance(r, RecordError)],
+            add_special_tokens=False))
+        for i, k, raw, r in todo:
+            if r is None:
+                out.end(i)
+            elif isinstance(r, RecordError):
+                out.problem(i, k, REJECTED, r.reason, r.detail, raw)
             else:
-                self._sample(out, f, line, k, raw, r, next(encodings))
-        return out.table()
+                self._sample(out, i, k, raw, r, next(encodings))
+        return out.table(batch)
 
-    def _sample(self, out: "_Rows", f, line, k, raw, rendered, enc) -> None:
+    def _sample(self, out: "_Rows", i, k, raw, rendered, enc) -> None:
         S = self.spec.seq_length
         ids = np.array(enc.ids, dtype=np.int32)
         n, text_len = len(ids), len(rendered.text)
@@ -101,11 +110,11 @@ class Tokenize:
                 reason, detail = "prompt too long", f"{first} prompt tokens >= seq-length {S}"
             else:
                 reason, detail = "nothing to train", "no assistant turn is trained"
-            out.problem(f, line, k, DROPPED, reason, detail, raw, tokens=n, prompt_tokens=first,
+            out.problem(i, k, DROPPED, reason, detail, raw, tokens=n, prompt_tokens=first,
                         chars=rendered.chars)
             return
         ids[-1] = -1 - ids[-1]
-        out.sample(f, line, k, n, first, rendered.chars, ids, labels)
+        out.sample(i, k, n, first, rendered.chars, ids, labels)
 
 
 def _token_at(enc, char: int, n: int, text_len: int) -> int:
@@ -123,33 +132,43 @@ def _token_at(enc, char: int, n: int, text_len: int) -> int:
 
 
 class _Rows:
-    """Column builder for the stage's output table."""
+    """Column builder for the stage's output table; ``i`` is the input batch's row whose
+    origin a row carries."""
 
     def __init__(self):
-        self.cols = {name: [] for name in SCHEMA.names if name not in ("input_ids", "labels")}
+        self.rows: list[int] = []
+        self.cols = {name: [] for name in SCHEMA.names
+                     if name not in ORIGIN + ("input_ids", "labels")}
         self.ids: list[np.ndarray] = []
         self.labels: list[np.ndarray] = []
 
-    def _row(self, **values) -> None:
+    def _row(self, i, **values) -> None:
+        self.rows.append(i)
         for name, col in self.cols.items():
             col.append(values.get(name))
 
-    def sample(self, f, line, k, tokens, prompt_tokens, chars, ids, labels) -> None:
-        self._row(file=f, line=line, sample=k, status=OK, tokens=tokens,
-                  prompt_tokens=prompt_tokens, chars=chars)
+    def sample(self, i, k, tokens, prompt_tokens, chars, ids, labels) -> None:
+        self._row(i, sample=k, status=OK, tokens=tokens, prompt_tokens=prompt_tokens, chars=chars)
         self.ids.append(ids)
         self.labels.append(labels)
 
-    def problem(self, f, line, k, status, reason, detail, raw: bytes, tokens=None,
+    def problem(self, i, k, status, reason, detail, raw: bytes, tokens=None,
                 prompt_tokens=None, chars=None) -> None:
         text = raw[:REJECT_TEXT_CHARS * 4].decode("utf-8", errors="replace")[:REJECT_TEXT_CHARS]
-        self._row(file=f, line=line, sample=k, status=status, reason=reason, detail=detail,
+        self._row(i, sample=k, status=status, reason=reason, detail=detail,
                   text=text, tokens=tokens, prompt_tokens=prompt_tokens, chars=chars)
         self.ids.append(_EMPTY)
         self.labels.append(_EMPTY)
 
-    def table(self) -> pa.Table:
-        arrays = [pa.array(self.cols[name], SCHEMA.field(name).type) for name in self.cols]
+    def end(self, i) -> None:
+        self._row(i, sample=-1, status=END)
+        self.ids.append(_EMPTY)
+        self.labels.append(_EMPTY)
+
+    def table(self, batch: pa.Table) -> pa.Table:
+        origin = batch.select(list(ORIGIN)).take(pa.array(self.rows, pa.int64()))
+        arrays = [origin[name].combine_chunks() for name in ORIGIN]
+        arrays += [pa.array(self.cols[name], SCHEMA.field(name).type) for name in self.cols]
         arrays += [_list_array(self.ids), _list_array(self.labels)]
         return pa.Table.from_arrays(arrays, schema=SCHEMA)
 

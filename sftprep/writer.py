@@ -1,11 +1,13 @@
 """The ordered stage: samples in input order → packed documents → ``.bin/.idx``, atomically.
 
 ``SFTWriter`` is a plain class (unit-tested without Ray); the pipeline runs exactly one of it as
-a Ray actor and feeds it the tokenizer stage's blocks in input order. It checks that order,
-rebuilds each line's group, packs, checks every document against the contract
-(``idxmap.check_rows``) just before writing it, reports every record it does not write, and at
-the end checks the index and the file sizes before the files get their final names. Checking the
-documents in memory, not by reading the ``.bin`` back, keeps the check off the end of the run.
+a Ray actor and feeds it the tokenizer stage's blocks in input order. It checks that order
+(and, through ``sources.Origins``, that every read task arrived whole, which also gives each
+record its true line), rebuilds each record's group, packs, checks every document against the
+contract (``idxmap.check_rows``) just before writing it, reports every record it does not
+write, and at the end checks the index and the file sizes before the files get their final
+names. Checking the documents in memory, not by reading the ``.bin`` back, keeps the check off
+the end of the run.
 
 Atomicity: a local output goes to ``<prefix>.tmp-<run>.bin/.idx`` beside it. A remote ``.bin``
 streams to the store as a multipart upload while documents arrive (``sink.MultipartSink``: local
@@ -34,10 +36,11 @@ import pyarrow.compute as pc
 
 from sftprep import idxmap
 from sftprep.packing import Document, Piece, make_packer
-from sftprep.shards import TASK_COLUMN
+from sftprep.shards import TASK_COLUMN, task_reach
 from sftprep.sink import MultipartSink, upload_file
+from sftprep.sources import Origins, describe
 from sftprep.storage import filesystem, is_remote
-from sftprep.tokenize import DROPPED, OK, REJECTED
+from sftprep.tokenize import DROPPED, END, OK, REJECTED
 
 SUFFIXES = (".bin", ".idx")
 MANIFEST = ".manifest.json"
@@ -55,10 +58,16 @@ class SFTWriter:
     def __init__(self, document_prefix: str, files: list[str], seq_length: int, pad_id: int,
                  packing: str = "none", pack_window: int = 2000, on_error: str = "fail",
                  storage_options: dict | None = None, spill_dir: str | None = None,
-                 vocab_size: int | None = None, owns: tuple[int, int] | None = None):
+                 vocab_size: int | None = None, read_tasks: list[int] | None = None,
+                 owns: tuple[int, int] | None = None):
+        """``read_tasks``: the file index of every read task (default: one task per file).
+        ``owns``: the first and last read task of this shard's rows (``shards``; None: all);
+        the end rows of its first file's earlier tasks are kept too (true line numbers)."""
         self.prefix = document_prefix
-        self.owns = owns  # (first, last) read task of this shard's rows (``shards``); None: all
-        self.files = files
+        task_files = list(range(len(files))) if read_tasks is None else read_tasks
+        self.owns = owns
+        self.reach = task_reach(task_files, [owns])[0] if owns else None
+        self.origins = Origins(files, task_files, self.reach)
         self.S = seq_length
         self.pad_id = pad_id
         self.vocab_size = vocab_size
@@ -79,8 +88,8 @@ class SFTWriter:
                      if self.remote else open(self.tmp + ".bin", "wb"))
         self._rejects = None
         self.index = idxmap.IndexedWriter(self._bin)
-        self._last_key = (-1, -1, -1)
-        self._group_key: tuple[int, int] | None = None
+        self._last_key = (-1, -1, -1, -1)
+        self._group_key: tuple[int, int, int] | None = None
         self._group: list[Piece] = []
         self._pending_docs: list[Document] = []
         self.c = Counter()
@@ -98,25 +107,32 @@ class SFTWriter:
         t0 = time.perf_counter()
         if self.owns is not None:  # a block may also hold other shards' rows
             tasks = table[TASK_COLUMN]
-            table = table.filter(pc.and_(pc.greater_equal(tasks, self.owns[0]),
-                                         pc.less_equal(tasks, self.owns[1])))
+            lo, hi = self.owns
+            mine = pc.and_(pc.greater_equal(tasks, lo), pc.less_equal(tasks, hi))
+            ends = pc.and_(pc.equal(table["status"], END),
+                           pc.and_(pc.greater_equal(tasks, self.reach[0]), pc.less(tasks, lo)))
+            table = table.filter(pc.or_(mine, ends))
         ids_col, labels_col = table["input_ids"].combine_chunks(), table["labels"].combine_chunks()
         ids_values = ids_col.values.to_numpy()
         labels_values = labels_col.values.to_numpy()
         offsets = ids_col.offsets.to_numpy()
-        cols = {n: table[n].to_pylist() for n in ("file", "line", "sample", "status", "reason",
-                                                  "detail", "text", "tokens")}
+        cols = {n: table[n].to_pylist() for n in ("task", "file", "line", "element", "sample",
+                                                  "status", "reason", "detail", "text", "tokens")}
         for i in range(table.num_rows):
-            key = (cols["file"][i], cols["line"][i], cols["sample"][i])
+            key = (cols["task"][i], cols["line"][i], cols["element"][i], cols["sample"][i])
+            status = cols["status"][i]
+            if status == END:
+                self.origins.end(key[0], key[1])
+                continue
             if key <= self._last_key:
                 raise RuntimeError(f"records arrived out of order: {key} after {self._last_key}; "
                                    "the ordered stage needs preserve_order")
+            self.origins.enter(key[0])
             self._last_key = key
-            if key[:2] != self._group_key:
+            if key[:3] != self._group_key:
                 self._close_group()
-                self._group_key = key[:2]
+                self._group_key = key[:3]
                 self.c["records"] += 1
-            status = cols["status"][i]
             if status == OK:
                 a, b = offsets[i], offsets[i + 1]
                 self._group.append(Piece(int(b - a), (ids_values[a:b], labels_values[a:b])))
@@ -130,18 +146,18 @@ class SFTWriter:
         return self.progress()
 
     def _problem(self, status: str, row: dict) -> None:
-        where = f"{self.files[row['file']]}:{row['line']}"
+        where = self.origins.locate(row["file"], row["line"], row["element"])
         if status == REJECTED and self.on_error == "fail":
             raise BadRecordError(
-                f"{where}: {row['reason']}: {row['detail']}\n(fix the record, or run with "
-                f"--on-error skip to write the good records and list the bad ones in "
+                f"{describe(where)}: {row['reason']}: {row['detail']}\n(fix the record, or run "
+                f"with --on-error skip to write the good records and list the bad ones in "
                 f"{os.path.basename(self.prefix)}{REJECTS})")
         self.c[status] += 1
         self.reasons[status][row["reason"]] += 1
         if self._rejects is None:
             self._rejects = open(self.tmp + REJECTS, "w", encoding="utf-8")
-        entry = {"file": self.files[row["file"]], "line": row["line"], "status": status,
-                 "reason": row["reason"], "detail": row["detail"], "text": row["text"]}
+        entry = {**where, "status": status, "reason": row["reason"], "detail": row["detail"],
+                 "text": row["text"]}
         if row["sample"] >= 0:
             entry["sample"] = row["sample"]
         self._rejects.write(json.dumps(entry, ensure_ascii=False) + "\n")
@@ -195,6 +211,7 @@ class SFTWriter:
         """Flush, write the index, check it against the .bin's size; return the summary.
         Nothing is published yet (``publish``)."""
         t0 = time.perf_counter()
+        self.origins.finish()
         self._close_group()
         self._pending_docs.extend(self.packer.flush())
         self._write_pending()

@@ -49,3 +49,11 @@ def write_jsonl(path, lines: list) -> str:
         for line in lines:
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
     return str(path)
+
+
+def record_batch(raw: list[bytes], end: bool = False):
+    """Read-stage rows of one task holding ``raw`` on lines 1, 2, ...; with ``end``, the
+    task's end row too."""
+    from sftprep.sources import record_table
+    rows = [(i + 1, -1, text) for i, text in enumerate(raw)]
+    return record_table(0, 0, rows + [(len(raw), -1, None)] * end)

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fixtures import record_batch
 from sftprep.packing import MODES, BestFitPacker, GreedyPacker, Piece, make_packer
 from sftprep.tokenize import Tokenize, TokenizeSpec
 
@@ -108,9 +109,7 @@ def test_bfd_reaches_99_percent_on_the_alpaca_demo_files_at_2048(qwen_dir):
         with open(os.path.join(SHARED, name), encoding="utf-8") as f:
             raw += [json.dumps(x, ensure_ascii=False).encode() for x in json.load(f)]
     rows = Tokenize(TokenizeSpec(qwen_dir, 2048, pad_token="<|extra_0|>"))(
-        pa.table({"file": pa.array([0] * len(raw), pa.int32()),
-                  "line": pa.array(range(1, len(raw) + 1), pa.int64()),
-                  "text": pa.array(raw, pa.binary())}))
+        record_batch(raw))
     lengths = [len(x) for x in rows["input_ids"].to_pylist()]
     efficiency = {}
     for mode in MODES:

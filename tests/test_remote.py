@@ -13,6 +13,8 @@ import os
 import uuid
 from urllib.parse import unquote
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -34,6 +36,7 @@ CREDENTIAL_ENV = ("OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET", "OSS_SESSION_TOK
                   "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE")
 S = 4096  # packing none: one 2*S int32 document (32 KiB) a line
 LINES = 336  # 10.5 MiB of .bin: over two 5 MiB parts, so the upload is multipart
+SPLIT = 8_000  # bytes per read task: the .jsonl files (~40 KB) in ranges, the Parquet in 2
 
 
 def _load_build_job():
@@ -53,14 +56,22 @@ def store(request):
         yield store
 
 
+def _parquet(records: list[dict]) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(records), sink, row_group_size=16)
+    return sink.getvalue().to_pybytes()
+
+
 @pytest.fixture(scope="module")
 def dataset() -> dict[str, bytes]:
-    """Relative path -> bytes: three .jsonl (one in a subdirectory), a .json.gz, a stray .txt."""
-    lines = [json.dumps(x, ensure_ascii=False) + "\n" for x in alpaca_samples(LINES, seed=5)]
+    """Relative path -> bytes: two .jsonl (one in a subdirectory), a .parquet in row groups of
+    16, a .json.gz, a stray .txt. Remote builds read the JSONL and the Parquet in ranges."""
+    samples = alpaca_samples(LINES, seed=5)
+    lines = [json.dumps(x, ensure_ascii=False) + "\n" for x in samples]
     q = LINES // 4
     return {
         "a.jsonl": "".join(lines[:q]).encode(),
-        "b.jsonl": "".join(lines[q:2 * q]).encode(),
+        "b.parquet": _parquet(samples[q:2 * q]),
         "c.json.gz": gzip.compress(json.dumps([json.loads(x) for x in lines[2 * q:3 * q]],
                                               ensure_ascii=False, indent=1).encode()),
         "sub/d.jsonl": "".join(lines[3 * q:]).encode(),
@@ -70,13 +81,18 @@ def dataset() -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def local_build(ray_session, qwen_dir, dataset, tmp_path_factory) -> dict[str, bytes]:
-    """The same files built from a local directory: the bytes every remote build must give."""
+    """The same records built from local JSONL files, unsplit: the bytes every remote build
+    must give."""
     root = tmp_path_factory.mktemp("local")
-    for name, data in dataset.items():
+    lines = alpaca_samples(LINES, seed=5)[LINES // 4:LINES // 2]
+    as_jsonl = {"b.jsonl" if n == "b.parquet" else n: data for n, data in dataset.items()}
+    as_jsonl["b.jsonl"] = "".join(json.dumps(x, ensure_ascii=False) + "\n"
+                                  for x in lines).encode()
+    for name, data in as_jsonl.items():
         (root / "data" / name).parent.mkdir(parents=True, exist_ok=True)
         (root / "data" / name).write_bytes(data)
     prefix = root / "out" / "sft"
-    build_job.main(_argv(str(root / "data"), str(prefix), qwen_dir))
+    build_job.main(_argv(str(root / "data"), str(prefix), qwen_dir, "--split-bytes", "0"))
     return {s: (root / "out" / f"sft_text_document{s}").read_bytes() for s in (".bin", ".idx")}
 
 
@@ -130,7 +146,8 @@ def test_build_on_the_store_gives_the_local_bytes_and_shows_no_secret(
     out = f"{bucket}/out/sft_text_document"
     fs.pipe({out + s: b"stale" for s in (".bin", ".idx", ".manifest.json", ".rejects.jsonl")})
     argv = _argv(f"{store.protocol}://{bucket}/data/", f"{store.protocol}://{bucket}/out/sft",
-                 qwen_dir, "--overwrite", *_credentials(store, credentials, clean_env, tmp_path))
+                 qwen_dir, "--overwrite", "--split-bytes", str(SPLIT),
+                 *_credentials(store, credentials, clean_env, tmp_path))
     store.request_log.clear()
 
     build_job.main(argv)
@@ -141,9 +158,9 @@ def test_build_on_the_store_gives_the_local_bytes_and_shows_no_secret(
     manifest_text = fs.cat(out + ".manifest.json").decode()
     manifest = json.loads(manifest_text)
     assert manifest["verified"] and manifest["summary"]["documents"] == LINES
-    assert [i["url"] for i in manifest["inputs"]] == [
-        f"{store.protocol}://{bucket}/data/{n}" for n in ("a.jsonl", "b.jsonl", "c.json.gz",
-                                                           "sub/d.jsonl")]
+    assert [(i["url"], i["read_tasks"]) for i in manifest["inputs"]] == [
+        (f"{store.protocol}://{bucket}/data/{n}", tasks) for n, tasks in (
+            ("a.jsonl", 6), ("b.parquet", 2), ("c.json.gz", 1), ("sub/d.jsonl", 5))]
     assert manifest["files"]["bin"] == f"{store.protocol}://{out}.bin"
     if credentials == "options":
         assert manifest["config"]["source"]["storage_options"]["secret"] == "***"

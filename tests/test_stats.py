@@ -9,7 +9,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from fixtures import alpaca_samples, lines_with_groups, write_jsonl
+from fixtures import alpaca_samples, lines_with_groups, record_batch, write_jsonl
 from sftprep import pipeline, stats
 from sftprep.config import BuildConfig, load
 from sftprep.tokenize import OK, REJECTED, TokenizeSpec
@@ -54,7 +54,7 @@ def write_mixed(tmp_path) -> tuple[str, list[int]]:
 
 def test_char_stage_counts_every_sample_and_rejects_bad_lines():
     raw = [json.dumps(CHAT).encode(), json.dumps([SHAREGPT, SHAREGPT]).encode(), b"42"]
-    batch = pa.table({"file": pa.array([0, 0, 0], pa.int32()), "line": [1, 2, 3], "text": raw})
+    batch = record_batch(raw)
     out = stats.char_lengths(batch).to_pylist()
     assert [(r["line"], r["sample"], r["status"], r["chars"]) for r in out] == [
         (1, 0, OK, 23), (2, 0, OK, 5), (2, 1, OK, 5), (3, -1, REJECTED, None)]
@@ -63,7 +63,7 @@ def test_char_stage_counts_every_sample_and_rejects_bad_lines():
 
 def test_describe_equals_pandas_and_bad_records_are_listed(ray_session, tmp_path):
     path, expected = write_mixed(tmp_path)
-    result = run_stats([path], tmp_path)
+    result = run_stats([path], tmp_path, source__split_bytes=2000)  # lines true across tasks
     want = pd.Series(expected).describe()
     assert result["chars"] == {k: float(v) for k, v in want.items()}
     assert stats.describe_text(result["chars"]) == str(want.astype("float64"))
@@ -121,8 +121,7 @@ def test_stage_lengths_and_the_drop_rule_at_other_lengths(qwen_dir):
     samples[3] = {"instruction": "Say: " + "lorem ipsum " * 140, "input": "", "output": "ok"}
     raw = [json.dumps(x, ensure_ascii=False).encode() for x in (samples[:6], *samples[6:])]
     raw.append(b"[]")
-    batch = pa.table({"file": pa.array([0] * len(raw), pa.int32()),
-                      "line": list(range(1, len(raw) + 1)), "text": raw})
+    batch = record_batch(raw, end=True)
     lengths = {}
     for S in (64, 256, 512):
         spec = TokenizeSpec(tokenizer=qwen_dir, seq_length=S)

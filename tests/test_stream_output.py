@@ -20,7 +20,7 @@ from object_store import oss_server, s3_server
 from sftprep.sink import FIRST_PART, MAX_PENDING, MultipartSink, part_size
 from sftprep.storage import MiB
 from sftprep.writer import SFTWriter
-from test_writer import sample, table
+from test_writer import end, sample, table
 
 S, PAD = 4096, 1000
 BLOCKS, ROWS = 50, 130  # 6,500 documents of 2*S int32: 213 MB
@@ -36,6 +36,8 @@ def blocks():
             line += 1
             ids, labels = sample(20 + line % 200, line)
             rows.append({"file": 0, "line": line, "input_ids": ids, "labels": labels})
+        if b == BLOCKS - 1:
+            rows.append(end(lines=line))  # the read task's end row
         out.append(table(rows))
     return out
 

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pytest
 
 from contract import encode_group
-from fixtures import alpaca_samples
+from fixtures import alpaca_samples, record_batch
 from sftprep.tokenize import Tokenize, TokenizeSpec
 
 S = 128
@@ -23,9 +23,7 @@ def stage(qwen_dir):
 def batch(values: list) -> pa.Table:
     raw = [v if isinstance(v, bytes) else json.dumps(v, ensure_ascii=False).encode()
            for v in values]
-    return pa.table({"file": pa.array([0] * len(raw), pa.int32()),
-                     "line": pa.array(range(1, len(raw) + 1), pa.int64()),
-                     "text": pa.array(raw, pa.binary())})
+    return record_batch(raw)
 
 
 def test_alpaca_rows_match_the_contract(stage, qwen):

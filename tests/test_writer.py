@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -30,7 +31,8 @@ def sample(length: int, seed: int) -> tuple[list[int], list[int]]:
 def table(rows: list[dict]) -> pa.Table:
     full = []
     for r in rows:
-        row = {"sample": 0, "status": "ok", "reason": None, "detail": None, "text": None,
+        row = {"task": 0, "element": -1, "sample": 0, "status": "ok", "reason": None,
+               "detail": None, "text": None,
                "prompt_tokens": 0, "input_ids": [], "labels": [], **r}
         row.setdefault("tokens", len(row["input_ids"]))
         full.append(row)
@@ -39,6 +41,16 @@ def table(rows: list[dict]) -> pa.Table:
 
 def writer(tmp_path, **kw) -> SFTWriter:
     return SFTWriter(str(tmp_path / "o_text_document"), ["data.jsonl"], S, PAD, **kw)
+
+
+def end(task: int = 0, lines: int = 0, file: int = 0) -> dict:
+    """A read task's end row: it read ``lines`` lines."""
+    return {"task": task, "file": file, "line": lines, "sample": -1, "status": "end"}
+
+
+def finish(w: SFTWriter) -> dict:
+    w.consume(table([end()]))
+    return w.finish({})
 
 
 @settings(max_examples=60, deadline=None)
@@ -60,7 +72,7 @@ def test_every_sample_lands_once_and_the_file_verifies(tmp_path_factory, groups,
         start += cut
         if start >= len(rows):
             break
-    manifest = w.finish({})
+    manifest = finish(w)
     reader = IndexedReader(str(tmp / "o_text_document"))
     check_sft_layout(reader, S, PAD)
     found = []
@@ -77,7 +89,7 @@ def test_a_group_split_across_blocks_stays_one_group(tmp_path):
     a, b = sample(5, 1), sample(6, 2)
     w.consume(table([{"file": 0, "line": 1, "sample": 0, "input_ids": a[0], "labels": a[1]}]))
     w.consume(table([{"file": 0, "line": 1, "sample": 1, "input_ids": b[0], "labels": b[1]}]))
-    assert w.finish({})["summary"]["documents"] == 1
+    assert finish(w)["summary"]["documents"] == 1
 
 
 def test_out_of_order_blocks_are_refused(tmp_path):
@@ -97,17 +109,57 @@ def test_a_document_that_breaks_the_contract_is_never_written(tmp_path):
     labels[3] = ids[4] + 1  # not the next input id
     w.consume(table([{"file": 0, "line": 1, "input_ids": ids, "labels": labels}]))
     with pytest.raises(LayoutError, match="document 0, position 3: label is not the next input"):
-        w.finish({})
+        finish(w)
     assert os.path.getsize(w.tmp + ".bin") == 0
     w.abort()
     assert os.listdir(tmp_path) == []
 
 
-def test_fail_policy_names_file_and_line(tmp_path):
+@pytest.mark.parametrize("element, where", [(-1, r"data\.jsonl:7"),
+                                            (3, r"data\.jsonl:7 element 3")])
+def test_fail_policy_names_file_and_line(tmp_path, element, where):
     w = writer(tmp_path)
-    with pytest.raises(BadRecordError, match=r"data\.jsonl:7: invalid JSON: boom"):
-        w.consume(table([{"file": 0, "line": 7, "sample": -1, "status": "rejected",
-                          "reason": "invalid JSON", "detail": "boom", "text": "{"}]))
+    with pytest.raises(BadRecordError, match=where + ": invalid JSON: boom"):
+        w.consume(table([{"file": 0, "line": 7, "element": element, "sample": -1,
+                          "status": "rejected", "reason": "invalid JSON", "detail": "boom",
+                          "text": "{"}]))
+
+
+def test_lines_of_a_split_file_are_counted_across_its_read_tasks(tmp_path):
+    """Task 1 continues data.jsonl after task 0's 5 lines; task 2 starts data.json; task 3
+    continues it, elements of one line named by index."""
+    w = SFTWriter(str(tmp_path / "o_text_document"), ["data.jsonl", "data.json"], S, PAD,
+                  on_error="skip", read_tasks=[0, 0, 1, 1])
+    bad = {"sample": -1, "status": "rejected", "reason": "invalid JSON", "detail": "x", "text": "{"}
+    a = sample(5, 1)
+    w.consume(table([{"file": 0, "line": 2, "input_ids": a[0], "labels": a[1]}, end(0, 5),
+                     {**bad, "task": 1, "file": 0, "line": 3}]))
+    w.consume(table([end(1, 4), end(2, 7, file=1),
+                     {**bad, "task": 3, "file": 1, "line": 1, "element": 2}, end(3, 1, file=1)]))
+    summary = w.finish({})["summary"]
+    assert summary["records"] == 3 and summary["rejected_records"] == 2
+    with open(tmp_path / "o_text_document.rejects.jsonl", encoding="utf-8") as f:
+        where = [{k: v for k, v in json.loads(x).items() if k in ("file", "line", "element")}
+                 for x in f]
+    assert where == [{"file": "data.jsonl", "line": 8},
+                     {"file": "data.json", "line": 8, "element": 2}]
+
+
+@pytest.mark.parametrize("rows, error", [
+    ([end(0, 1), end(2, 1)], "read task 2 arrived after task 0 ended"),
+    ([{"task": 1, "line": 1}], "read task 1 arrived after task -1 ended"),
+    ([end(0, 1), {"task": 0, "line": 9}], "read task 0 arrived after task 0 ended"),
+    ([end(0, 1)], "read task 1 of 2 never ended"),
+    ([{"task": 0, "line": 1}, end(0, 1), end(1, 0), {"task": 1, "line": 2}], "after task 1"),
+])
+def test_a_read_task_missing_or_out_of_place_is_refused(tmp_path, rows, error):
+    w = SFTWriter(str(tmp_path / "o_text_document"), ["data.jsonl"], S, PAD,
+                  read_tasks=[0, 0])
+    ids, labels = sample(5, 1)
+    with pytest.raises(RuntimeError, match=error):
+        w.consume(table([{"file": 0, "input_ids": ids, "labels": labels, **r} for r in rows]))
+        w.finish({})
+    w.abort()
 
 
 def test_publish_replaces_the_index_first_and_leaves_no_temporaries(tmp_path):
@@ -117,7 +169,7 @@ def test_publish_replaces_the_index_first_and_leaves_no_temporaries(tmp_path):
     w = writer(tmp_path)
     a = sample(5, 1)
     w.consume(table([{"file": 0, "line": 1, "input_ids": a[0], "labels": a[1]}]))
-    w.finish({})
+    finish(w)
     assert sorted(os.listdir(tmp_path)) == ["o_text_document.bin", "o_text_document.idx",
                                             "o_text_document.manifest.json"]
     assert len(IndexedReader(str(prefix))) == 1
