@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sftprep import idxmap, view
+from sftprep import idxmap, trainer, view
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,6 +16,10 @@ def main(argv: list[str] | None = None) -> int:
         c = sub.add_parser(name, help=help)
         c.add_argument("prefix", help="the files' prefix, e.g. output/demo_text_document")
         c.add_argument("--tokenizer", help="tokenizer directory (default: the manifest's)")
+        if name == "verify":
+            c.add_argument("--trainer-mode", choices=("any", *trainer.MODES), default="any",
+                           help="fail unless the files are safe for this trainer mode: packed "
+                           "(MP_SFT_PACKING=true), unpacked, or any of them")
         if name == "inspect":
             c.add_argument("--doc", type=int, action="append",
                            help="document index (repeatable; default: 0)")
@@ -30,9 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "verify":
             figures = view.verify(args.prefix, tok)
+            trainer.require(figures["trainer"], args.trainer_mode)
             print(f"ok: {args.prefix}: {figures['documents']:,} documents, {figures['samples']:,} "
                   f"samples, {figures['tokens']:,} tokens, {figures['pad']:,} pad, "
                   f"S={figures['seq_length']}")
+            print("trainer: " + trainer.modes_text(figures["trainer"]))
             return 0
         if tok is None:
             p.error("inspect needs --tokenizer (no manifest names one)")

@@ -68,6 +68,11 @@ class TemplateConfig:
     train_on: str = opt("all", "which assistant turns are trained: all or last", "--train-on")
     train_tool_calls: bool = opt(True, "train on assistant turns that call tools",
                                  "--train-tool-calls")
+    trainer_safe: bool = opt(True, "cut samples so Pai-Megatron-Patch's trainer reads every "
+                             "document in both modes with every boundary intact: at most S-1 "
+                             "tokens, never ending on id 0 (docs/trainer.md); off reproduces the "
+                             "reference tool, including rows packed training cannot read",
+                             "--trainer-safe")
 
 
 @dataclass

@@ -167,19 +167,22 @@ class LayoutError(ValueError):
 
 def check_sft_layout(reader: IndexedReader, seq_length: int | None = None,
                      pad_id: int | None = None, vocab_size: int | None = None,
-                     contents: bool = True) -> dict:
+                     contents: bool = True, also=None) -> dict:
     """Check every invariant of the SFT layout; raise ``LayoutError`` at the first violation.
 
     Returns the figures it saw (documents, samples, tokens, pad). ``seq_length``, ``pad_id`` and
     ``vocab_size`` are checked when given (the build's manifest gives them), else inferred.
     ``contents=False`` checks the index and the file sizes only: for a writer that ran
-    ``check_rows`` on every document before writing it.
+    ``check_rows`` on every document before writing it. ``also(first, rows, S)``, if given, sees
+    every chunk of checked rows too (more checks in the same pass over the ``.bin``).
     """
     totals = check_index(reader.index, reader.data.size * SFT_DTYPE.itemsize, seq_length)
     if contents and totals["documents"]:
         seq_length = totals["seq_length"]
         for first, rows in reader.rows():
             check_rows(first, rows, seq_length, pad_id, vocab_size, totals)
+            if also:
+                also(first, rows, seq_length)
     return totals
 
 

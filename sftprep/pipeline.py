@@ -96,7 +96,8 @@ def tokenize_spec(config: BuildConfig) -> TokenizeSpec:
     return TokenizeSpec(tokenizer=t.tokenizer, seq_length=t.seq_length, pad_token=t.pad_token,
                         chat_template=t.chat_template, train_on=t.train_on,
                         train_tool_calls=t.train_tool_calls, format=config.source.format,
-                        columns=tuple(sorted(config.source.columns.items())))
+                        columns=tuple(sorted(config.source.columns.items())),
+                        trainer_safe=t.trainer_safe)
 
 
 def cluster_cpus() -> float:
@@ -223,7 +224,8 @@ def start_writers(config: BuildConfig, files: list[InputFile], plan: list[ReadRa
         num_cpus=0, max_restarts=0, scheduling_strategy=placement,
     ).remote(prefix, [f.url for f in files], config.template.seq_length, tok.pad_token_id,
              config.packing.mode, config.packing.window, config.source.on_error, options,
-             config.output.spill_dir, len(tok), [r.file for r in plan], owns=own)
+             config.output.spill_dir, len(tok), [r.file for r in plan],
+             trainer_safe=config.template.trainer_safe, owns=own)
         for prefix, own in zip(prefixes, owns)]
 
 

@@ -23,6 +23,10 @@ def summary_text(manifest: dict) -> str:
         f"rejected records    {_n(s['rejected_records'])}" + _reasons(s["rejected_by_reason"]),
         f"dropped samples     {_n(s['dropped_samples'])}" + _reasons(s["dropped_by_reason"]),
         f"truncated samples   {_n(s['truncated_samples'])} ({_n(s['tokens_cut'])} tokens cut)",
+        "trainer-safe cuts   " + (f"{_n(s['trainer_cut_samples'])} samples "
+                                   f"({_n(s['trainer_tokens_cut'])} tokens cut)"
+                                   + _reasons(s["trainer_cut_by_reason"])
+                                   if s.get("trainer_safe") else "off (reference rows)"),
         f"documents           {_n(s['documents'])} x 2*{s['seq_length']} int32",
         f"tokens              {_n(s['tokens'])} ({_n(s['trained_tokens'])} trained)",
         f"pad fraction        {s['pad_fraction']:.2%}",
@@ -33,6 +37,8 @@ def summary_text(manifest: dict) -> str:
         lines.append(f"time                {s['elapsed_seconds']:.1f}s, "
                      f"{s['tokens_per_second']:,} tokens/s "
                      f"(writer {s['writer_tokens_per_second'] or 0:,} tokens/s)")
+    if "trainer" in manifest:
+        lines.append(f"trainer             {manifest['trainer']['summary']}")
     shards = manifest.get("shards") or [{"prefix": manifest["files"]["bin"].rsplit(".", 1)[0],
                                           "files": manifest["files"]}]
     for k, shard in enumerate(shards):
@@ -40,7 +46,7 @@ def summary_text(manifest: dict) -> str:
         lines.append(f"{label:<20}{shard['prefix']} (.bin/.idx, verified)")
     for shard in shards:
         if "rejects" in shard["files"]:
-            lines.append(f"not written, why    {shard['files']['rejects']}")
+            lines.append(f"not written/cut     {shard['files']['rejects']}")
     if len(shards) > 1:
         lines.append(f"--data-path         {manifest['data_path']}")
     return "\n".join(lines)

@@ -53,6 +53,7 @@ SCHEMA = pa.schema([
     ("chars", pa.int32()),           # characters of all message contents
     ("tokens", pa.int32()),          # full token length (null without a tokenizer)
     ("prompt_tokens", pa.int32()),   # tokens before the first trained one
+    ("written", pa.int32()),         # tokens the build writes at the configured S (0: dropped)
 ])
 
 
@@ -129,7 +130,7 @@ def char_lengths(batch: pa.Table, format: str = "auto", columns: dict | None = N
     arrays = [origin[name].combine_chunks() for name in ORIGIN]
     arrays += [pa.array(c, SCHEMA.field(name).type)
                for c, name in zip(cols[1:], ("sample", "status", "reason", "detail", "chars"))]
-    arrays += [pa.nulls(len(rows), pa.int32())] * 2  # no tokenizer: no token lengths
+    arrays += [pa.nulls(len(rows), pa.int32())] * 3  # no tokenizer: no token lengths
     return pa.Table.from_arrays(arrays, schema=SCHEMA)
 
 
@@ -137,7 +138,9 @@ class TokenLengths(Tokenize):
     """The build's tokenizer stage, sending on lengths only (the arrays stay in the actor)."""
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        return super().__call__(batch).select(SCHEMA.names)
+        t = super().__call__(batch)
+        written = pc.cast(pc.list_value_length(t["input_ids"]), pa.int32())
+        return t.append_column("written", written).select(SCHEMA.names)
 
 
 
@@ -160,13 +163,25 @@ class SampleLengths:
     tokens: np.ndarray   # int32, full length before any cut; -1 without a tokenizer
     prompt: np.ndarray   # int32, tokens before the first trained one
     ok: np.ndarray       # bool, kept by the stage at the configured S (not dropped)
+    written: np.ndarray  # int32, tokens the stage kept at the configured S
 
-    def kept_at(self, S: int, seq_length: int) -> np.ndarray:
+    def kept_at(self, S: int, seq_length: int, trainer_safe: bool) -> np.ndarray:
         """Samples a build at ``S`` would keep: the stage's own verdict at the configured length,
-        else its rule (a trained token must fall inside the first ``S``)."""
+        else its rule (a trained token must fall inside the first ``S``, or ``S - 1`` with
+        ``template.trainer_safe``)."""
         if S == seq_length:
             return self.ok
-        return (self.prompt < S) & (self.prompt < self.tokens)
+        room = S - 1 if trainer_safe else S
+        return (self.prompt < room) & (self.prompt < self.tokens)
+
+    def written_at(self, S: int, seq_length: int, trainer_safe: bool) -> np.ndarray:
+        """Tokens each kept sample fills at ``S``: what the stage wrote at the configured length,
+        else the cut at ``S`` (``S - 1`` with ``trainer_safe``; its rarer cut of a trailing id 0
+        needs the tokens, so other lengths may be off by those)."""
+        kept = self.kept_at(S, seq_length, trainer_safe)
+        if S == seq_length:
+            return self.written[kept]
+        return np.minimum(self.tokens[kept], S - 1 if trainer_safe else S)
 
 
 class Collector:
@@ -204,7 +219,8 @@ class Collector:
         self._last = tuple(int(k[-1]) for k in key)
         sample = t["sample"].to_numpy() >= 0
         status = t["status"]
-        for name, col in (("chars", "chars"), ("tokens", "tokens"), ("prompt", "prompt_tokens")):
+        for name, col in (("chars", "chars"), ("tokens", "tokens"), ("prompt", "prompt_tokens"),
+                          ("written", "written")):
             values = pc.fill_null(t[col], -1).to_numpy().astype(np.int32)
             self.parts[name].append(values[sample])
         self.parts["group"].append(group[sample].astype(np.int32))
@@ -245,11 +261,12 @@ class Collector:
 
 # -- projections ---------------------------------------------------------------------------------
 
-def project(lengths: SampleLengths, S: int, mode: str, window: int, seq_length: int) -> dict:
+def project(lengths: SampleLengths, S: int, mode: str, window: int, seq_length: int,
+            trainer_safe: bool) -> dict:
     """Documents and efficiency of a build at ``S``: the build's packer over the kept lengths
-    (cut to ``S``), one group per input line, in input order."""
-    kept = lengths.kept_at(S, seq_length)
-    pieces = np.minimum(lengths.tokens[kept], S)
+    (cut as the build cuts them), one group per input line, in input order."""
+    kept = lengths.kept_at(S, seq_length, trainer_safe)
+    pieces = lengths.written_at(S, seq_length, trainer_safe)
     groups = lengths.group[kept]
     bounds = np.concatenate([[0], np.flatnonzero(np.diff(groups)) + 1, [len(groups)]])
     packer = make_packer(mode, S, window)
@@ -266,9 +283,9 @@ def project(lengths: SampleLengths, S: int, mode: str, window: int, seq_length: 
 _project_task = ray.remote(num_cpus=1)(project)
 
 
-def at_length(lengths: SampleLengths, S: int, seq_length: int) -> dict:
-    """What a build at ``S`` does to the samples: dropped, truncated (really cut), whole."""
-    kept = lengths.kept_at(S, seq_length)
+def at_length(lengths: SampleLengths, S: int, seq_length: int, trainer_safe: bool) -> dict:
+    """What a build at ``S`` does to the samples: dropped, truncated (longer than ``S``), whole."""
+    kept = lengths.kept_at(S, seq_length, trainer_safe)
     cut = kept & (lengths.tokens > S)
     n = len(kept)
     whole = int(np.count_nonzero(kept & ~cut))
@@ -299,9 +316,11 @@ def token_stats(lengths: SampleLengths, config: StatsConfig, dropped_reasons: Co
     S, window = config.template.seq_length, config.packing.window
     ladder = sorted(set(config.output.ladder) | {S})
     ref = ray.put(lengths)
-    jobs = {(L, m): _project_task.remote(ref, L, m, window, S) for L in ladder for m in MODES}
+    safe = config.template.trainer_safe
+    jobs = {(L, m): _project_task.remote(ref, L, m, window, S, safe) for L in ladder
+            for m in MODES}
     packed = {key: ray.get(job) for key, job in jobs.items()}
-    rows = [{**at_length(lengths, L, S), "packing": {m: packed[L, m] for m in MODES}}
+    rows = [{**at_length(lengths, L, S, safe), "packing": {m: packed[L, m] for m in MODES}}
             for L in ladder]
     good = [r["seq_length"] for r in rows if r["samples"] and r["whole_fraction"] >= WHOLE_TARGET]
     prompt, total = lengths.prompt, lengths.tokens

@@ -11,6 +11,13 @@ Per sample, with ``L`` tokens and trained spans from the template (contract, "On
 the last input becomes ``-1 - id`` (the sample boundary). Samples longer than ``S`` are cut to
 ``S`` first; a sample with no trained token inside the first ``S`` (the prompt alone fills the
 window) is dropped, which is the reference's rule ``len(prompt_ids) >= S``.
+
+``trainer_safe`` (the default) adds the cuts Pai-Megatron-Patch's trainer needs (docs/trainer.md):
+a sample keeps at most ``S - 1`` tokens, so a document holding it alone keeps a pad slot (packed
+training fails on a row whose only sample fills all ``S`` inputs), and a sample never ends on
+token id 0 (its boundary ``-1 - 0 = -1`` is Megatron ``GPTDataset``'s pad sentinel, rewritten to
+0, so the boundary would vanish): one more token is cut instead. Such a row carries the reason
+``trainer cut`` and says what was cut; the writer lists it with the other reports.
 """
 
 from __future__ import annotations
@@ -27,6 +34,11 @@ from sftprep.sources import SCHEMA as RECORD_SCHEMA
 from sftprep.template import ChatRenderer, TemplateError, load_tokenizer
 
 OK, REJECTED, DROPPED, END = "ok", "rejected", "dropped", "end"
+# An ok row that trainer_safe cut shorter has reason "trainer cut (<why>, ...)" (docs/trainer.md).
+TRAINER_CUT = "trainer cut"
+CUT_PAD_SLOT, CUT_ID_0 = "pad slot", "ends on id 0"
+CUT_DETAIL = {CUT_PAD_SLOT: "at most S-1 tokens, so a document holding it alone keeps a pad slot",
+              CUT_ID_0: "it ended on token id 0, whose boundary -1 GPTDataset erases"}
 REJECT_TEXT_CHARS = 2000
 SCHEMA = pa.schema([
     *(RECORD_SCHEMA.field(name) for name in ORIGIN),  # line: the task's line count at its end
@@ -52,6 +64,7 @@ class TokenizeSpec:
     train_tool_calls: bool = True
     format: str = "auto"
     columns: tuple = ()
+    trainer_safe: bool = True
 
 
 class Tokenize:
@@ -97,7 +110,8 @@ class Tokenize:
         spans = [(_token_at(enc, a, n, text_len), _token_at(enc, b, n, text_len))
                  for a, b in rendered.trained]
         first = min((a for a, b in spans if a < b), default=n)  # tokens before the first trained
-        ids = ids[:S]
+        cap, why = trainer_cut(ids, S) if self.spec.trainer_safe else (min(n, S), [])
+        ids = ids[:cap]
         labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
         trained = False
         for a, b in spans:  # label t is input t+1 where token t+1 is trained (never token 0)
@@ -107,14 +121,35 @@ class Tokenize:
                 trained = True
         if not trained:
             if first < n:
-                reason, detail = "prompt too long", f"{first} prompt tokens >= seq-length {S}"
+                limit = f"the {cap} tokens kept ({', '.join(why)})" if why else f"seq-length {S}"
+                reason, detail = "prompt too long", f"{first} prompt tokens >= {limit}"
             else:
                 reason, detail = "nothing to train", "no assistant turn is trained"
             out.problem(i, k, DROPPED, reason, detail, raw, tokens=n, prompt_tokens=first,
                         chars=rendered.chars)
             return
+        cut = why and (f"{TRAINER_CUT} ({', '.join(why)})",
+                       f"kept {cap} of {n} tokens ({min(n, S)} fit seq-length {S}): "
+                       + "; ".join(CUT_DETAIL[w] for w in why))
         ids[-1] = -1 - ids[-1]
-        out.sample(i, k, n, first, rendered.chars, ids, labels)
+        out.sample(i, k, n, first, rendered.chars, ids, labels, cut)
+
+
+def trainer_cut(ids: np.ndarray, S: int) -> tuple[int, list[str]]:
+    """How many of ``ids`` a trainer-safe sample keeps, and why fewer than ``min(len, S)``.
+
+    At most ``S - 1`` (a pad slot after a sample that sits alone in its document), and never
+    ending on id 0 (stored as -1, Megatron's pad sentinel): cut back past every trailing 0.
+    """
+    n = len(ids)
+    keep = min(n, S - 1)
+    why = [CUT_PAD_SLOT] if keep < min(n, S) else []
+    before = keep
+    while keep and ids[keep - 1] == 0:
+        keep -= 1
+    if keep < before:
+        why.append(CUT_ID_0)
+    return keep, why
 
 
 def _token_at(enc, char: int, n: int, text_len: int) -> int:
@@ -147,8 +182,10 @@ class _Rows:
         for name, col in self.cols.items():
             col.append(values.get(name))
 
-    def sample(self, i, k, tokens, prompt_tokens, chars, ids, labels) -> None:
-        self._row(i, sample=k, status=OK, tokens=tokens, prompt_tokens=prompt_tokens, chars=chars)
+    def sample(self, i, k, tokens, prompt_tokens, chars, ids, labels, cut=None) -> None:
+        reason, detail = cut or (None, None)
+        self._row(i, sample=k, status=OK, tokens=tokens, reason=reason, detail=detail,
+                  prompt_tokens=prompt_tokens, chars=chars)
         self.ids.append(ids)
         self.labels.append(labels)
 

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from sftprep import idxmap
+from sftprep import idxmap, trainer
 from sftprep.writer import MANIFEST
 
 TRAINED = ("\x1b[32m", "\x1b[0m")  # green on a terminal
@@ -23,14 +23,19 @@ def manifest_of(prefix: str) -> dict:
 
 
 def verify(prefix: str, tokenizer=None) -> dict:
-    """Check every invariant; raise ``idxmap.LayoutError`` at the first violation."""
+    """Check every invariant; raise ``idxmap.LayoutError`` at the first violation. The figures
+    returned include ``trainer``: what each trainer mode meets (``sftprep.trainer``)."""
     m = manifest_of(prefix)
     S = m.get("summary", {}).get("seq_length")
     pad = m.get("tokenizer", {}).get("pad_id")
     vocab = m.get("tokenizer", {}).get("vocab_size")
     if tokenizer is not None:
         pad, vocab = tokenizer.pad_token_id, len(tokenizer)
-    return idxmap.check_sft_layout(idxmap.IndexedReader(prefix), S, pad, vocab)
+    seen = trainer.figures()
+    figures = idxmap.check_sft_layout(idxmap.IndexedReader(prefix), S, pad, vocab,
+                                      also=lambda first, rows, S: trainer.check_rows(first, rows,
+                                                                                     S, seen))
+    return {**figures, "trainer": seen}
 
 
 def sample_runs(row: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int, list]]]:

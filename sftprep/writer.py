@@ -34,13 +34,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from sftprep import idxmap
+from sftprep import idxmap, trainer
 from sftprep.packing import Document, Piece, make_packer
 from sftprep.shards import TASK_COLUMN, task_reach
 from sftprep.sink import MultipartSink, upload_file
 from sftprep.sources import Origins, describe
 from sftprep.storage import filesystem, is_remote
-from sftprep.tokenize import DROPPED, END, OK, REJECTED
+from sftprep.tokenize import CUT_ID_0, CUT_PAD_SLOT, DROPPED, END, OK, REJECTED, TRAINER_CUT
 
 SUFFIXES = (".bin", ".idx")
 MANIFEST = ".manifest.json"
@@ -59,7 +59,7 @@ class SFTWriter:
                  packing: str = "none", pack_window: int = 2000, on_error: str = "fail",
                  storage_options: dict | None = None, spill_dir: str | None = None,
                  vocab_size: int | None = None, read_tasks: list[int] | None = None,
-                 owns: tuple[int, int] | None = None):
+                 trainer_safe: bool = False, owns: tuple[int, int] | None = None):
         """``read_tasks``: the file index of every read task (default: one task per file).
         ``owns``: the first and last read task of this shard's rows (``shards``; None: all);
         the end rows of its first file's earlier tasks are kept too (true line numbers)."""
@@ -71,6 +71,8 @@ class SFTWriter:
         self.S = seq_length
         self.pad_id = pad_id
         self.vocab_size = vocab_size
+        self.trainer_safe = trainer_safe
+        self.trainer = trainer.figures()  # what each trainer mode would meet, per document
         self.on_error = on_error
         self.storage_options = storage_options
         self.packer = make_packer(packing, seq_length, pack_window)
@@ -93,7 +95,8 @@ class SFTWriter:
         self._group: list[Piece] = []
         self._pending_docs: list[Document] = []
         self.c = Counter()
-        self.reasons: dict[str, Counter] = {REJECTED: Counter(), DROPPED: Counter()}
+        self.reasons: dict[str, Counter] = {REJECTED: Counter(), DROPPED: Counter(),
+                                            TRAINER_CUT: Counter()}
         self.max_samples_per_doc = 0
         self.checked = {"samples": 0, "tokens": 0, "pad": 0}  # what check_rows saw
         self._rows = np.empty((0, 2 * seq_length), dtype=np.int32)  # reused: no page faults
@@ -139,6 +142,8 @@ class SFTWriter:
                 self.c["samples"] += 1
                 self.c["truncated"] += cols["tokens"][i] > self.S
                 self.c["tokens_cut"] += max(0, cols["tokens"][i] - self.S)
+                if cols["reason"][i]:  # ok, but trainer_safe cut it shorter
+                    self._trainer_cut({n: cols[n][i] for n in cols}, int(b - a))
             else:
                 self._problem(status, {n: cols[n][i] for n in cols})
         self._write_pending()
@@ -154,12 +159,24 @@ class SFTWriter:
                 f"{os.path.basename(self.prefix)}{REJECTS})")
         self.c[status] += 1
         self.reasons[status][row["reason"]] += 1
-        if self._rejects is None:
-            self._rejects = open(self.tmp + REJECTS, "w", encoding="utf-8")
         entry = {**where, "status": status, "reason": row["reason"], "detail": row["detail"],
                  "text": row["text"]}
         if row["sample"] >= 0:
             entry["sample"] = row["sample"]
+        self._report(entry)
+
+    def _trainer_cut(self, row: dict, kept: int) -> None:
+        """A sample ``template.trainer_safe`` cut shorter: counted and listed with the rejects."""
+        self.c[TRAINER_CUT] += 1
+        self.c["trainer_tokens_cut"] += min(row["tokens"], self.S) - kept
+        self.reasons[TRAINER_CUT].update(w for w in (CUT_PAD_SLOT, CUT_ID_0) if w in row["reason"])
+        self._report({**self.origins.locate(row["file"], row["line"], row["element"]),
+                      "sample": row["sample"], "status": "cut", "reason": row["reason"],
+                      "detail": row["detail"]})
+
+    def _report(self, entry: dict) -> None:
+        if self._rejects is None:
+            self._rejects = open(self.tmp + REJECTS, "w", encoding="utf-8")
         self._rejects.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
     def _close_group(self) -> None:
@@ -189,6 +206,10 @@ class SFTWriter:
             self.max_samples_per_doc = max(self.max_samples_per_doc, len(doc))
         idxmap.check_rows(self.index.documents, rows, S, self.pad_id, self.vocab_size,
                           self.checked)
+        trainer.check_rows(self.index.documents, rows, S, self.trainer)
+        if self.trainer_safe and trainer.verdict(self.trainer)["packed"]:
+            raise RuntimeError("template.trainer_safe: a document the packed trainer cannot read "
+                               f"would be written: {trainer.verdict(self.trainer)['packed']}")
         self.index.add_documents(rows)
 
     def progress(self) -> dict:
@@ -201,6 +222,7 @@ class SFTWriter:
         """Flush, write the index, verify, publish atomically; return the manifest."""
         summary = self.seal(manifest_extra.get("elapsed_seconds"))
         manifest = {**manifest_extra, "summary": summary, "verified": True,
+                    "trainer": trainer.section(self.trainer, self.S, self.prefix),
                     "files": self.outputs()}
         with open(self.tmp + MANIFEST, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, ensure_ascii=False)
@@ -253,6 +275,10 @@ class SFTWriter:
             "dropped_by_reason": dict(sorted(self.reasons[DROPPED].items())),
             "truncated_samples": self.c["truncated"],
             "tokens_cut": self.c["tokens_cut"],
+            "trainer_safe": self.trainer_safe,
+            "trainer_cut_samples": self.c[TRAINER_CUT],
+            "trainer_tokens_cut": self.c["trainer_tokens_cut"],
+            "trainer_cut_by_reason": dict(sorted(self.reasons[TRAINER_CUT].items())),
             "documents": docs,
             "seq_length": S,
             "tokens": self.c["tokens"],

@@ -16,13 +16,14 @@ from sftprep.idxmap import IndexedReader
 from sftprep.writer import BadRecordError
 
 S = 256
+REFERENCE_CONF = os.path.join(os.path.dirname(__file__), "..", "conf", "qwen2-reference.yaml")
 
 
-def build(inputs, tokenizer, prefix, **options):
+def build(inputs, tokenizer, prefix, config=None, **options):
     overrides = {"source.inputs": list(inputs), "template.tokenizer": tokenizer,
                  "template.seq_length": S, "output.prefix": str(prefix), "run.progress": False}
     overrides.update({k.replace("__", "."): v for k, v in options.items()})
-    return pipeline.build(load(BuildConfig, None, overrides))
+    return pipeline.build(load(BuildConfig, config, overrides))
 
 
 def read(prefix) -> tuple[bytes, bytes]:
@@ -45,7 +46,7 @@ def reference_lines():
 def test_reference_settings_give_the_reference_bytes(ray_session, qwen, qwen_dir, tmp_path,
                                                      reference_lines, packing):
     path = write_jsonl(tmp_path / "train.jsonl", reference_lines)
-    manifest = build([path], qwen_dir, tmp_path / "out", template__pad_token="<|extra_0|>",
+    manifest = build([path], qwen_dir, tmp_path / "out", config=REFERENCE_CONF,
                      packing__mode=packing, run__workers=2, run__batch_size=8)
     expected = build_bytes(qwen, reference_lines, S, qwen.pad_token_id,
                            sequence_packing=packing == "sequential")
@@ -111,7 +112,9 @@ def test_on_error_skip_writes_the_good_and_reports_the_bad(ray_session, qwen_dir
     assert s["rejected_by_reason"] == {"empty group": 1, "missing field": 1, "not UTF-8": 1,
                                        "not a sample": 1, "not a string": 1, "truncated JSON": 1}
     with open(tmp_path / "out_text_document.rejects.jsonl", encoding="utf-8") as f:
-        rejects = [json.loads(line) for line in f]
+        reported = [json.loads(line) for line in f]
+    rejects = [r for r in reported if r["status"] != "cut"]  # cut: written, trainer-safe cut
+    assert len(reported) - len(rejects) == s["trainer_cut_samples"]
     assert [(r["line"], r["reason"]) for r in rejects] == [
         (3, "truncated JSON"), (6, "not UTF-8"), (7, "missing field"), (8, "empty group"),
         (9, "not a string"), (10, "not a sample")]

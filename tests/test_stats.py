@@ -133,7 +133,7 @@ def test_stage_lengths_and_the_drop_rule_at_other_lengths(qwen_dir):
         assert collector.records == len(raw) and collector.bad_count == 1
     assert list(lengths[256].chars) == [alpaca_chars(x) for x in samples]
     for other in (64, 512):
-        assert list(lengths[256].kept_at(other, 256)) == list(lengths[other].ok), other
+        assert list(lengths[256].kept_at(other, 256, True)) == list(lengths[other].ok), other
     assert not lengths[256].ok[3] and lengths[512].ok[3]
 
 

@@ -17,7 +17,7 @@ S = 128
 
 @pytest.fixture(scope="module")
 def stage(qwen_dir):
-    return Tokenize(TokenizeSpec(qwen_dir, S, pad_token="<|extra_0|>"))
+    return Tokenize(TokenizeSpec(qwen_dir, S, pad_token="<|extra_0|>", trainer_safe=False))
 
 
 def batch(values: list) -> pa.Table:
