@@ -12,7 +12,7 @@ import pytest
 from fixtures import alpaca_samples, write_jsonl
 from sftprep import report
 from sftprep.idxmap import IndexedReader, check_sft_layout
-from sftprep.shards import data_path_argument, shard_of_tasks, task_ranges
+from sftprep.shards import data_path_argument, shard_of_tasks, task_ranges, task_reach
 from test_pipeline import build, read
 
 SIZES = [9, 3, 14, 6, 11]  # lines per file: blocks and batches span files
@@ -71,3 +71,29 @@ def test_four_shards_concatenate_to_the_unsharded_output(ray_session, qwen_dir, 
     assert f"--data-path         {sharded['data_path']}" in text
     assert text.count("(.bin/.idx, verified)") == 4
     assert not (tmp_path / "sh_text_document.bin").exists()
+
+
+def test_a_shard_starting_inside_a_split_file_names_true_lines(tmp_path):
+    """Read tasks 0 and 1 split one file; the shard owning task 1 still reports a bad record by
+    its line in the file, from task 0's end row (the only row of task 0 it keeps)."""
+    from sftprep.writer import SFTWriter
+    from test_writer import PAD, S, end, sample, table
+
+    assert task_reach([0, 0, 0, 1, 1], [(0, 1), (2, 3), (4, 4), (0, -1)]) == \
+        [(0, 1), (0, 3), (3, 4), (0, -1)]
+    rows = []
+    for task, lines in ((0, 3), (1, 2)):
+        for line in range(1, lines + 1):
+            ids, labels = sample(8, line)
+            rows.append({"task": task, "file": 0, "line": line, "input_ids": ids,
+                         "labels": labels})
+        rows.append(end(task, lines))
+    rows[5] = {"task": 1, "file": 0, "line": 2, "status": "rejected", "reason": "bad json",
+               "detail": "x", "text": "{"}
+    w = SFTWriter(str(tmp_path / "s_1_text_document"), ["data.jsonl"], S, PAD,
+                  on_error="skip", read_tasks=[0, 0], owns=(1, 1))
+    w.consume(table(rows))
+    summary = w.finish({})["summary"]
+    assert summary["samples_written"] == 1 and summary["rejected_records"] == 1
+    reject = json.loads(open(tmp_path / "s_1_text_document.rejects.jsonl").readline())
+    assert reject["line"] == 3 + 2
