@@ -94,8 +94,12 @@ class OutputConfig:
     prefix: str = opt(REQUIRED, "output prefix P: writes P_text_document.{bin,idx} and "
                       "P_text_document.manifest.json; local path or fsspec URL", "--output-prefix")
     overwrite: bool = opt(False, "replace an existing output instead of refusing", "--overwrite")
-    spill_dir: str | None = opt(None, "local directory for a remote output before upload "
-                                "(default: the system temp directory)", "--spill-dir")
+    spill_dir: str | None = opt(None, "local directory for a remote output's parts in flight "
+                                "and its index (default: the system temp directory)",
+                                "--spill-dir")
+    shards: int = opt(1, "ordered writers, each writing P_<k>_text_document.{bin,idx} from a "
+                      "contiguous range of the input; the manifest gives the --data-path for all",
+                      "--shards")
 
 
 @dataclass
@@ -198,6 +202,8 @@ def validate(config: BuildConfig, need_tokenizer: bool = True, need_output: bool
         raise ConfigError(f"--pack-window {config.packing.window}: must be >= 1")
     if need_output and config.output.prefix in (REQUIRED, None, ""):
         raise ConfigError("no output: give --output-prefix P (writes P_text_document.bin/.idx)")
+    if need_output and (not isinstance(config.output.shards, int) or config.output.shards < 1):
+        raise ConfigError(f"--shards {config.output.shards!r}: must be an integer >= 1")
     run = config.run
     if run.workers is not None and run.workers < 1:
         raise ConfigError(f"--workers {run.workers}: must be >= 1")

@@ -176,7 +176,20 @@ def check_sft_layout(reader: IndexedReader, seq_length: int | None = None,
     ``check_rows`` on every document before writing it. ``also(first, rows, S)``, if given, sees
     every chunk of checked rows too (more checks in the same pass over the ``.bin``).
     """
-    ix, n = reader.index, len(reader)
+    totals = check_index(reader.index, reader.data.size * SFT_DTYPE.itemsize, seq_length)
+    if contents and totals["documents"]:
+        seq_length = totals["seq_length"]
+        for first, rows in reader.rows():
+            check_rows(first, rows, seq_length, pad_id, vocab_size, totals)
+            if also:
+                also(first, rows, seq_length)
+    return totals
+
+
+def check_index(ix: Index, bin_bytes: int, seq_length: int | None = None) -> dict:
+    """The index's invariants and the .bin size it promises (``bin_bytes``), without reading
+    the .bin: for a writer whose .bin is already streaming to a store."""
+    n = len(ix.document_index) - 1
     if ix.dtype != SFT_DTYPE:
         raise LayoutError(f"dtype {ix.dtype}, the SFT layout needs int32 (negative values)")
     if len(ix.sequence_lengths) != n:
@@ -201,13 +214,9 @@ def check_sft_layout(reader: IndexedReader, seq_length: int | None = None,
         bad = int(np.argmax(ix.sequence_pointers != expected_ptr))
         raise LayoutError(f"document {bad} starts at byte {ix.sequence_pointers[bad]}, "
                           f"expected {expected_ptr[bad]}")
-    if reader.data.size != n * width:
-        raise LayoutError(f".bin holds {reader.data.size} values, the index promises {n * width}")
-    if contents:
-        for first, rows in reader.rows():
-            check_rows(first, rows, seq_length, pad_id, vocab_size, totals)
-            if also:
-                also(first, rows, seq_length)
+    if bin_bytes != n * width * SFT_DTYPE.itemsize:
+        raise LayoutError(f".bin holds {bin_bytes // SFT_DTYPE.itemsize} values, "
+                          f"the index promises {n * width}")
     return totals
 
 

@@ -1,9 +1,14 @@
 """The Ray Data job: read → map_batches(Tokenize) on an actor pool → one ordered writer actor.
 
 Order: ``preserve_order`` makes Ray Data hand out blocks in input order however many read tasks
-and tokenizer actors ran; the driver passes block *references* (never the data) to the single
-writer actor, one call at a time in that order, and the writer checks the order itself. So the
-output bytes depend only on the input and the configuration.
+and tokenizer actors ran; the driver passes block *references* (never the data) to the writer
+actor, one call at a time in that order, and the writer checks the order itself. So the
+output bytes depend only on the input and the configuration. With ``--shards N`` there are N
+writers, each owning a contiguous range of read tasks (``shards``); a block goes, in the same
+order, to the writer(s) owning its rows.
+
+Placement: a local output's writers run on the driver's node (their disk); a remote output's
+are spread over the cluster (each streams its own parts to the store).
 
 CPU budget: a pool that claims every CPU starves the read tasks and the job stalls, so each
 tokenizer actor claims at most 90% of a CPU share and read tasks claim a tenth of a CPU.
@@ -31,12 +36,15 @@ import sftprep
 from sftprep.config import BuildConfig, ConfigError, validate
 from sftprep.encode import Setup, prepare
 from sftprep.sources import SCHEMA as RECORD_SCHEMA
+from sftprep.shards import (combine_summaries, data_path_argument, shard_of_tasks,
+                            shard_prefix, task_ranges, task_reach, task_span,
+                            write_manifest)
 from sftprep.sources import (InputFile, ReadRange, auto_split_bytes, expand_inputs, plan_reads,
                              read_range)
-from sftprep.storage import filesystem, redact, resolve_options
+from sftprep.storage import filesystem, is_remote, redact, resolve_options
 from sftprep.template import load_tokenizer, tokenizer_fingerprint
 from sftprep.tokenize import GUARD_EVERY, GUARD_LINES, Tokenize, TokenizeSpec
-from sftprep.writer import MANIFEST, SUFFIXES, SFTWriter, remove_temporary
+from sftprep.writer import MANIFEST, SUFFIXES, SFTWriter, remove_stale, remove_temporary
 
 log = logging.getLogger("sftprep")
 
@@ -241,10 +249,19 @@ def tokenized_dataset(config: BuildConfig, plan: list[ReadRange],
                           runtime_env={"env_vars": worker_env(config.run.verbose)})
 
 
+def output_prefixes(config: BuildConfig) -> list[str]:
+    """The document prefix of each writer: P_text_document, or P_<k>_text_document."""
+    if config.output.shards == 1:
+        return [config.document_prefix]
+    return [shard_prefix(config.output.prefix, k) for k in range(config.output.shards)]
+
+
 def check_output_free(config: BuildConfig) -> None:
-    prefix = config.document_prefix
-    fs, path = filesystem(prefix, config.source.storage_options)
-    existing = [path + s for s in SUFFIXES + (MANIFEST,) if fs.exists(path + s)]
+    fs, path = filesystem(config.document_prefix, config.source.storage_options)
+    existing = [path + MANIFEST] if fs.exists(path + MANIFEST) else []
+    for prefix in output_prefixes(config):
+        fs, path = filesystem(prefix, config.source.storage_options)
+        existing += [path + s for s in SUFFIXES if fs.exists(path + s)]
     if existing and not config.output.overwrite:
         raise ConfigError(f"output exists: {', '.join(existing)}; pass --overwrite to replace it")
 
@@ -260,37 +277,15 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
     setup = tokenizer_setup(config, tok)
     ensure_ray(config.run.verbose)
     plan = read_plan(config, files)
-    here = ray.get_runtime_context().get_node_id()
-    writer = ray.remote(SFTWriter).options(
-        num_cpus=0, max_restarts=0,
-        scheduling_strategy=ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
-            here, soft=False),
-    ).remote(config.document_prefix, [f.url for f in files], config.template.seq_length,
-             tok.pad_token_id, config.packing.mode, config.packing.window,
-             config.source.on_error,
-             resolve_options([config.document_prefix], config.source.storage_options),
-             config.output.spill_dir, len(tok), [r.file for r in plan],
-             trainer_safe=config.template.trainer_safe)
-    temporary = ray.get(writer.temporary_paths.remote())
+    options = resolve_options([config.document_prefix], config.source.storage_options)
+    task_shard = shard_of_tasks([r.size for r in plan], config.output.shards)
+    writers = start_writers(config, files, plan, tok, options, task_shard)
+    temporary = [p for paths in ray.get([w.temporary_paths.remote() for w in writers])
+                 for p in paths]
     watch = LocalRuntimeWatch().start()
     try:
-        in_flight: deque = deque()
-        last_report = None  # the first block written is reported, then every PROGRESS_SECONDS
-
-        def wait_until(left: int) -> None:
-            nonlocal last_report
-            while len(in_flight) > left:
-                progress = ray.get(in_flight.popleft())
-                if on_progress and (last_report is None
-                                    or time.time() - last_report > PROGRESS_SECONDS):
-                    on_progress({**progress, "seconds": time.time() - started})
-                    last_report = time.time()
-
-        for bundle in tokenized_dataset(config, plan, setup=setup).iter_internal_ref_bundles():
-            for block_ref in bundle.block_refs:
-                in_flight.append(writer.consume.remote(block_ref))
-                wait_until(MAX_BLOCKS_IN_FLIGHT)
-        wait_until(0)
+        reach = task_reach([r.file for r in plan], task_ranges(task_shard, len(writers)))
+        feed(tokenized_dataset(config, plan, setup=setup), writers, reach, on_progress, started)
         elapsed = time.time() - started
         extra = {
             "sftprep_version": sftprep.__version__,
@@ -310,20 +305,107 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
                              if setup.backend == "fast" else {})},
             "config": redact(asdict(config)),
         }
-        manifest = ray.get(writer.finish.remote(extra))
+        if len(writers) == 1:
+            manifest = ray.get(writers[0].finish.remote(
+                {**extra, "data_path": config.document_prefix}))
+        else:
+            manifest = finish_shards(config, writers, extra, options)
     except BaseException:
-        if watch.lost:  # no Ray call can answer now; the writer's files are on this node
+        if watch.lost:  # no Ray call can answer now; the writers' files are on this node
             remove_temporary(temporary)
             raise RuntimeLost(f"the local Ray runtime stopped during the build ({watch.lost} "
                               "exited); nothing written") from None
         with _sigint_ignored():  # a second Ctrl-C must not cut the clean-up short
             try:
-                ray.get(writer.abort.remote(), timeout=60)
-            except Exception:  # the writer itself may be what died
+                ray.get([w.abort.remote() for w in writers], timeout=60)
+            except Exception:  # a writer itself may be what died
                 remove_temporary(temporary)
         raise
     finally:
         watch.stop()
         if not watch.lost:
-            ray.kill(writer, no_restart=True)
+            for w in writers:
+                ray.kill(w, no_restart=True)
+    return manifest
+
+
+def start_writers(config: BuildConfig, files: list[InputFile], plan: list[ReadRange], tok,
+                  options: dict, task_shard: list[int]) -> list:
+    """One writer actor per shard, on the driver's node for a local output, else spread."""
+    if is_remote(config.document_prefix):
+        placement = "SPREAD"
+    else:
+        placement = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=False)
+    prefixes = output_prefixes(config)
+    owns = [None] if len(prefixes) == 1 else task_ranges(task_shard, len(prefixes))
+    return [ray.remote(SFTWriter).options(
+        num_cpus=0, max_restarts=0, scheduling_strategy=placement,
+    ).remote(prefix, [f.url for f in files], config.template.seq_length, tok.pad_token_id,
+             config.packing.mode, config.packing.window, config.source.on_error, options,
+             config.output.spill_dir, len(tok), [r.file for r in plan],
+             trainer_safe=config.template.trainer_safe, owns=own)
+        for prefix, own in zip(prefixes, owns)]
+
+
+def feed(ds: ray.data.Dataset, writers: list, reach: list[tuple[int, int]],
+         on_progress: Callable[[dict], None] | None, started: float) -> None:
+    """Hand every block, in input order, to the writer(s) whose ``reach`` (``shards.task_reach``)
+    its rows fall in; the writers' answers give the progress. With one writer no routing is
+    needed; with several, a zero-CPU task names each block's first and last read task."""
+    in_flight: deque = deque()
+    spans: deque = deque()
+    latest = [{} for _ in writers]
+    last_report = None  # the first block written is reported, then every PROGRESS_SECONDS
+
+    def settle(limit: int) -> None:
+        nonlocal last_report
+        while len(in_flight) > limit:
+            k, ref = in_flight.popleft()
+            latest[k] = ray.get(ref)
+            if on_progress and (last_report is None
+                                or time.time() - last_report > PROGRESS_SECONDS):
+                total = {key: sum(p.get(key, 0) for p in latest) for key in latest[k]}
+                on_progress({**total, "seconds": time.time() - started})
+                last_report = time.time()
+
+    def send(block_ref, targets) -> None:
+        for k in targets:
+            in_flight.append((k, writers[k].consume.remote(block_ref)))
+        settle(MAX_BLOCKS_IN_FLIGHT * len(writers))
+
+    def route(block_ref, span_ref) -> None:
+        span = ray.get(span_ref)
+        if span is not None:
+            send(block_ref, [k for k, (a, b) in enumerate(reach)
+                             if a <= span[1] and span[0] <= b])
+
+    for bundle in ds.iter_internal_ref_bundles():
+        for block_ref in bundle.block_refs:
+            if len(writers) == 1:
+                send(block_ref, [0])
+                continue
+            spans.append((block_ref, task_span.remote(block_ref)))
+            while len(spans) > MAX_BLOCKS_IN_FLIGHT:
+                route(*spans.popleft())
+    while spans:
+        route(*spans.popleft())
+    settle(0)
+
+
+def finish_shards(config: BuildConfig, writers: list, extra: dict, options: dict) -> dict:
+    """Seal every shard, remove the old output's manifest (and any unsharded files), publish
+    the shards, then write the one manifest naming them, last."""
+    summaries = ray.get([w.seal.remote(extra["elapsed_seconds"]) for w in writers])
+    remove_stale(config.document_prefix, options)
+    ray.get([w.publish.remote() for w in writers])
+    outputs = ray.get([w.outputs.remote() for w in writers])
+    shards = [{"prefix": prefix, "documents": s["documents"], "samples": s["samples_written"],
+               "tokens": s["tokens"], "files": files}
+              for prefix, s, files in zip(output_prefixes(config), summaries, outputs)]
+    manifest = {**extra, "summary": combine_summaries(summaries, extra["elapsed_seconds"]),
+                "verified": True, "shards": shards, "data_path": data_path_argument(shards),
+                "files": {"manifest": config.document_prefix + MANIFEST}}
+    write_manifest(config.document_prefix + MANIFEST, manifest, options,
+                   config.output.spill_dir)
     return manifest

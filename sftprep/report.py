@@ -45,12 +45,18 @@ def summary_text(manifest: dict) -> str:
         lines.append(f"time                {s['elapsed_seconds']:.1f}s, "
                      f"{s['tokens_per_second']:,} tokens/s "
                      f"(writer {s['writer_tokens_per_second'] or 0:,} tokens/s)")
-    files = manifest["files"]
     if "trainer" in manifest:
         lines.append(f"trainer             {manifest['trainer']['summary']}")
-    lines.append(f"output              {files['bin'].rsplit('.', 1)[0]} (.bin/.idx, verified)")
-    if "rejects" in files:
-        lines.append(f"not written/cut     {files['rejects']}")
+    shards = manifest.get("shards") or [{"prefix": manifest["files"]["bin"].rsplit(".", 1)[0],
+                                          "files": manifest["files"]}]
+    for k, shard in enumerate(shards):
+        label = "output" if len(shards) == 1 else f"shard {k}"
+        lines.append(f"{label:<20}{shard['prefix']} (.bin/.idx, verified)")
+    for shard in shards:
+        if "rejects" in shard["files"]:
+            lines.append(f"not written/cut     {shard['files']['rejects']}")
+    if len(shards) > 1:
+        lines.append(f"--data-path         {manifest['data_path']}")
     return "\n".join(lines)
 
 

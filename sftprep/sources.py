@@ -356,10 +356,13 @@ class Origins:
     a task's rows may only follow the previous task's end row, and ``finish`` wants them all.
     """
 
-    def __init__(self, files: list[str], task_files: list[int]):
+    def __init__(self, files: list[str], task_files: list[int],
+                 tasks: tuple[int, int] | None = None):
+        """``tasks``: the first and last task expected (a shard's; default: all)."""
         self.files = files
         self.task_files = task_files  # the file index of every read task
-        self.task = -1                # the task whose rows are arriving
+        first, self.last = tasks or (0, len(task_files) - 1)
+        self.task = first - 1         # the task whose rows are arriving
         self.ended = True             # its end row has passed
         self.before = 0               # lines of its file before its range
 
@@ -382,7 +385,7 @@ class Origins:
         self.before += count
 
     def finish(self) -> None:
-        if not (self.ended and self.task == len(self.task_files) - 1):
+        if not (self.ended and self.task == self.last):
             missing = self.task + 1 if self.ended else self.task
             raise RuntimeError(f"read task {missing} of {len(self.task_files)} never ended: "
                                "input went missing")

@@ -34,7 +34,8 @@ from sftprep.config import (ConfigError, PackingConfig, RunConfig, SourceConfig,
                             opt, validate)
 from sftprep.packing import MODES, Piece, make_packer
 from sftprep.records import RecordError, parse_group
-from sftprep.sources import ORIGIN, Origins, describe, expand_inputs
+from sftprep.sources import ORIGIN, Origins, expand_inputs
+from sftprep.sources import describe as describe_origin
 from sftprep.tokenize import DROPPED, END, OK, REJECTED, Tokenize
 from sftprep.tokenize import SCHEMA as TOKENIZE_SCHEMA
 from sftprep.writer import BadRecordError
@@ -238,7 +239,7 @@ class Collector:
             self.origins.enter(task)
             entry = {**self.origins.locate(f, line, element), "reason": reason, "detail": detail}
             if self.on_error == "fail":
-                raise BadRecordError(f"{describe(entry)}: {reason}: {detail}\n(fix the "
+                raise BadRecordError(f"{describe_origin(entry)}: {reason}: {detail}\n(fix the "
                                      "record, or run with --on-error skip to count and list "
                                      "bad records)")
             self.bad_count += 1
@@ -437,7 +438,7 @@ def summary_text(stats: dict) -> str:
              f"records {stats['records']:,}, samples {stats['samples']:,}, "
              f"bad records {bad['count']:,}" + _reasons(bad["by_reason"])]
     for e in bad["examples"][:10]:
-        lines.append(f"  {describe(e)}: {e['reason']}: {e['detail']}")
+        lines.append(f"  {describe_origin(e)}: {e['reason']}: {e['detail']}")
     if "tokens" in stats:
         lines += ["", _token_table(stats["tokens"]), "", _ladder_table(stats)]
         at = stats["at_seq_length"]

@@ -19,8 +19,8 @@ and its writer ``resolve_options(...)``: the options with the environment's valu
 They travel as task arguments, never in a ``runtime_env`` (the dashboard shows those). Nothing
 here prints them; ``redact`` is applied to the configuration the manifest records.
 
-Uploads go through ``upload``: one request up to two parts' worth, multipart above that (ossfs's
-own ``put_file`` would send anything under 100 MiB as a single request).
+Writes to a store go through ``sink.MultipartSink``: the store's multipart API, part by part
+(ossfs cannot stream writes over 5 MiB).
 """
 
 from __future__ import annotations
@@ -33,9 +33,6 @@ import fsspec
 from fsspec.core import url_to_fs
 
 MiB = 1 << 20
-MIN_PART = 5 * MiB  # S3's smallest part; OSS allows smaller
-TARGET_PARTS = 1000  # parts grow above MIN_PART to keep about this many (both stores allow 10,000)
-UPLOAD_THREADS = 4
 
 SECRET_WORDS = ("key", "secret", "token", "password", "passwd", "credential", "signature")
 _CREDENTIALS = ("key", "secret", "token", "profile", "anon")  # any one: the user chose them all
@@ -120,62 +117,6 @@ def filesystem(url: str, storage_options: dict | None = None
         # unstrip_protocol give "oss:///bkt/key", which ossfs then reads as an empty file.
         path = path.lstrip("/")
     return fs, path
-
-
-def part_size(size: int) -> int:
-    """Upload part size for a file of ``size`` bytes: MIN_PART, or more to stay near
-    TARGET_PARTS parts (a 20 GiB file goes in 1000 parts of 21 MiB)."""
-    return max(MIN_PART, -(-size // TARGET_PARTS))
-
-
-def upload(local: str, url: str, storage_options: dict | None = None,
-           work_dir: str | None = None) -> None:
-    """Copy the local file ``local`` to ``url``; multipart from two parts on; check the size.
-
-    ``work_dir``: where an OSS upload keeps its resume record (default: the temp directory).
-    """
-    fs, path = filesystem(url, storage_options)
-    size = os.path.getsize(local)
-    part = part_size(size)
-    family = _family(protocol(url))
-    try:
-        if family == "s3":
-            fs.put_file(local, path, chunksize=part, max_concurrency=UPLOAD_THREADS)
-        elif family == "oss":
-            _oss_upload(local, path, options_for(url, storage_options), part, work_dir)
-        else:
-            fs.put_file(local, path)
-    except OSError as e:  # the stores' messages often leave out which object it was
-        kind = type(e) if type(e) in (FileNotFoundError, PermissionError) else OSError
-        raise kind(f"upload to {url} failed: {e}") from e
-    fs.invalidate_cache()
-    landed = fs.size(path)
-    if landed != size:
-        raise OSError(f"upload of {url} is incomplete: {landed} of {size} bytes arrived")
-
-
-def _oss_upload(local: str, path: str, opts: dict, part: int, work_dir: str | None) -> None:
-    import tempfile
-
-    import oss2
-
-    endpoint = opts.get("endpoint")
-    if not endpoint:
-        raise ValueError("no OSS endpoint: set OSS_ENDPOINT or source.storage_options.endpoint "
-                         "(e.g. https://oss-cn-hangzhou-internal.aliyuncs.com)")
-    key, secret, token = opts.get("key"), opts.get("secret"), opts.get("token")
-    auth = (oss2.StsAuth(key, secret, token) if token else oss2.Auth(key, secret) if key
-            else oss2.AnonymousAuth())
-    bucket_name, _, object_name = path.partition("/")
-    bucket = oss2.Bucket(auth, endpoint, bucket_name)
-    store = oss2.ResumableStore(root=work_dir or tempfile.gettempdir())
-    try:
-        oss2.resumable_upload(bucket, object_name, local, store=store,
-                              multipart_threshold=2 * part, part_size=part,
-                              num_threads=UPLOAD_THREADS)
-    except oss2.exceptions.OssError as e:  # as ossfs does: OSError subclasses, a short message
-        kind = {403: PermissionError, 404: FileNotFoundError}.get(e.status, OSError)
-        raise kind(f"{e.status} {e.code}: {e.message}") from None
 
 
 def redact(value: Any) -> Any:

@@ -9,11 +9,13 @@ write, and at the end checks the index and the file sizes before the files get t
 names. Checking the documents in memory, not by reading the ``.bin`` back, keeps the check off
 the end of the run.
 
-Atomicity: data goes to ``<prefix>.tmp-<run>.bin/.idx`` beside the output (or in a local spill
-directory for a remote output). On success the old ``.idx`` is removed first, then the ``.bin``
-and the ``.idx`` are renamed (or uploaded) in that order and the manifest last, so at no moment
-does a ``.idx`` sit beside a ``.bin`` it does not describe. On failure the temporary files are
-deleted. ossfs cannot stream writes over 5 MiB, hence the local spill and ``storage.upload``.
+Atomicity: a local output goes to ``<prefix>.tmp-<run>.bin/.idx`` beside it. A remote ``.bin``
+streams to the store as a multipart upload while documents arrive (``sink.MultipartSink``: local
+disk holds a few parts, never the file); the ``.idx``, rejects and manifest wait in a local spill
+directory. On success the old ``.idx`` is removed first, then the ``.bin`` is renamed (or its
+upload completed, which is when the object appears), then the ``.idx``, the manifest last, so at
+no moment does a ``.idx`` sit beside a ``.bin`` it does not describe. On failure the temporary
+files are deleted and the multipart upload is aborted.
 """
 
 from __future__ import annotations
@@ -30,11 +32,14 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from sftprep import idxmap, trainer
 from sftprep.packing import BestFitPacker, Document, Piece, make_packer
+from sftprep.shards import TASK_COLUMN, task_reach
+from sftprep.sink import MultipartSink, upload_file
 from sftprep.sources import Origins, describe
-from sftprep.storage import filesystem, is_remote, upload
+from sftprep.storage import filesystem, is_remote
 from sftprep.tokenize import CUT_ID_0, CUT_PAD_SLOT, DROPPED, END, OK, REJECTED, TRAINER_CUT
 
 SUFFIXES = (".bin", ".idx")
@@ -54,11 +59,15 @@ class SFTWriter:
                  packing: str = "none", pack_window: int = 2000, on_error: str = "fail",
                  storage_options: dict | None = None, spill_dir: str | None = None,
                  vocab_size: int | None = None, read_tasks: list[int] | None = None,
-                 trainer_safe: bool = False):
-        """``read_tasks``: the file index of every read task (default: one task per file)."""
+                 trainer_safe: bool = False, owns: tuple[int, int] | None = None):
+        """``read_tasks``: the file index of every read task (default: one task per file).
+        ``owns``: the first and last read task of this shard's rows (``shards``; None: all);
+        the end rows of its first file's earlier tasks are kept too (true line numbers)."""
         self.prefix = document_prefix
-        self.origins = Origins(files, list(range(len(files))) if read_tasks is None
-                               else read_tasks)
+        task_files = list(range(len(files))) if read_tasks is None else read_tasks
+        self.owns = owns
+        self.reach = task_reach(task_files, [owns])[0] if owns else None
+        self.origins = Origins(files, task_files, self.reach)
         self.S = seq_length
         self.pad_id = pad_id
         self.vocab_size = vocab_size
@@ -81,7 +90,8 @@ class SFTWriter:
             self.local = document_prefix
             os.makedirs(os.path.dirname(os.path.abspath(document_prefix)), exist_ok=True)
         self.tmp = f"{self.local}.tmp-{run}"
-        self._bin = open(self.tmp + ".bin", "wb")
+        self._bin = (MultipartSink(document_prefix + ".bin", storage_options, self._spill)
+                     if self.remote else open(self.tmp + ".bin", "wb"))
         self._rejects = None
         self.index = idxmap.IndexedWriter(self._bin)
         self._last_key = (-1, -1, -1, -1)
@@ -102,6 +112,13 @@ class SFTWriter:
     def consume(self, table: pa.Table) -> dict:
         """Take one block of the tokenizer stage's output (rows in input order)."""
         t0 = time.perf_counter()
+        if self.owns is not None:  # a block may also hold other shards' rows
+            tasks = table[TASK_COLUMN]
+            lo, hi = self.owns
+            mine = pc.and_(pc.greater_equal(tasks, lo), pc.less_equal(tasks, hi))
+            ends = pc.and_(pc.equal(table["status"], END),
+                           pc.and_(pc.greater_equal(tasks, self.reach[0]), pc.less(tasks, lo)))
+            table = table.filter(pc.or_(mine, ends))
         ids_col, labels_col = table["input_ids"].combine_chunks(), table["labels"].combine_chunks()
         ids_values = ids_col.values.to_numpy()
         labels_values = labels_col.values.to_numpy()
@@ -209,7 +226,19 @@ class SFTWriter:
     # -- finishing ---------------------------------------------------------------------------
 
     def finish(self, manifest_extra: dict[str, Any]) -> dict:
-        """Flush, write the index, verify, publish atomically; return the summary."""
+        """Flush, write the index, verify, publish atomically; return the manifest."""
+        summary = self.seal(manifest_extra.get("elapsed_seconds"))
+        manifest = {**manifest_extra, "summary": summary, "verified": True,
+                    "trainer": trainer.section(self.trainer, self.S, self.prefix),
+                    "files": self.outputs()}
+        with open(self.tmp + MANIFEST, "w", encoding="utf-8") as f:
+            json.dump(manifest, f, indent=2, ensure_ascii=False)
+        self.publish()
+        return manifest
+
+    def seal(self, elapsed: float | None = None) -> dict:
+        """Flush, write the index, check it against the .bin's size; return the summary.
+        Nothing is published yet (``publish``)."""
         t0 = time.perf_counter()
         self.origins.finish()
         self._close_group()
@@ -217,16 +246,16 @@ class SFTWriter:
         if self._bfd is not None:
             self.bfd_documents += _count(self._bfd.flush())
         self._write_pending()
-        self._bin.close()
+        bin_bytes = self._bin.tell()
+        if not self.remote:  # a remote .bin's upload completes in publish()
+            self._bin.close()
         with open(self.tmp + ".idx", "wb") as f:
             self.index.write_index(f)
         if self._rejects:
             self._rejects.close()
         self.write_seconds += time.perf_counter() - t0
-        idxmap.check_sft_layout(idxmap.IndexedReader(self.tmp), self.S, self.pad_id,
-                                self.vocab_size, contents=False)
+        idxmap.check_index(idxmap.read_index(self.tmp + ".idx"), bin_bytes, self.S)
         summary = self.summary()
-        elapsed = manifest_extra.get("elapsed_seconds")
         if elapsed:
             summary["elapsed_seconds"] = elapsed
             summary["tokens_per_second"] = round(summary["tokens"] / elapsed)
@@ -234,15 +263,13 @@ class SFTWriter:
                                                                    summary["samples_written"]):
             raise RuntimeError(f"the checked documents disagree with the writer's counts: "
                                f"{self.checked} against {summary}")
-        manifest = {**manifest_extra, "summary": summary, "verified": True,
-                    "trainer": trainer.section(self.trainer, self.S, self.prefix),
-                    "files": {s.lstrip("."): self.prefix + s for s in SUFFIXES}}
+        return summary
+
+    def outputs(self) -> dict[str, str]:
+        files = {s.lstrip("."): self.prefix + s for s in SUFFIXES}
         if self._rejects:
-            manifest["files"]["rejects"] = self.prefix + REJECTS
-        with open(self.tmp + MANIFEST, "w", encoding="utf-8") as f:
-            json.dump(manifest, f, indent=2, ensure_ascii=False)
-        self._publish()
-        return manifest
+            files["rejects"] = self.prefix + REJECTS
+        return files
 
     def summary(self) -> dict:
         docs, S = self.index.documents, self.S
@@ -275,25 +302,30 @@ class SFTWriter:
             **({"bfd_documents": self.bfd_documents} if self._bfd is not None else {}),
         }
 
-    def _publish(self) -> None:
-        names = list(SUFFIXES) + ([REJECTS] if self._rejects else []) + [MANIFEST]
+    def publish(self) -> None:
+        """Give the sealed files their final names: .bin, .idx, rejects, the manifest (if
+        written) last, after removing the old output's files in ``STALE_ORDER``."""
+        names = list(SUFFIXES) + ([REJECTS] if self._rejects else [])
+        names += [MANIFEST] if os.path.exists(self.tmp + MANIFEST) else []
+        remove_stale(self.prefix, self.storage_options)
         if not self.remote:
-            for stale in STALE_ORDER:
-                if os.path.exists(self.prefix + stale):
-                    os.remove(self.prefix + stale)
             for s in names:
                 os.replace(self.tmp + s, self.prefix + s)
             return
         fs, path = filesystem(self.prefix, self.storage_options)
-        for stale in STALE_ORDER:
-            if fs.exists(path + stale):
-                fs.rm_file(path + stale)
         uploaded: list[str] = []
         try:
-            for s in names:  # .bin, then .idx, the manifest last
-                upload(self.tmp + s, self.prefix + s, self.storage_options, self._spill)
+            self._bin.close()  # completes the multipart upload: the .bin appears now
+            uploaded.append(".bin")
+            fs.invalidate_cache()
+            if fs.size(path + ".bin") != self._bin.size:
+                raise OSError(f"upload of {self.prefix}.bin is incomplete: "
+                              f"{fs.size(path + '.bin')} of {self._bin.size} bytes arrived")
+            for s in names[1:]:  # .idx, rejects, the manifest last
+                upload_file(self.tmp + s, self.prefix + s, self.storage_options, self._spill)
                 uploaded.append(s)
         except BaseException:
+            self._bin.abort()
             for s in reversed(uploaded):  # leave no .idx or .bin of a half-published output
                 with contextlib.suppress(Exception):
                     fs.rm_file(path + s)
@@ -301,7 +333,10 @@ class SFTWriter:
         shutil.rmtree(self._spill, ignore_errors=True)
 
     def abort(self) -> None:
-        """Delete every temporary file; a failed run leaves nothing that looks like output."""
+        """Delete every temporary file and abort the .bin's multipart upload; a failed run
+        leaves nothing that looks like output."""
+        if self.remote:
+            self._bin.abort()
         for f in (self._bin, self._rejects):
             if f is not None and not f.closed:
                 f.close()
@@ -325,3 +360,16 @@ def remove_temporary(paths: list[str]) -> None:
             shutil.rmtree(path, ignore_errors=True)
         elif os.path.exists(path):
             os.remove(path)
+
+
+def remove_stale(prefix: str, storage_options: dict | None = None) -> None:
+    """Remove an old output at ``prefix`` in ``STALE_ORDER`` (its index first)."""
+    if not is_remote(prefix):
+        for stale in STALE_ORDER:
+            if os.path.exists(prefix + stale):
+                os.remove(prefix + stale)
+        return
+    fs, path = filesystem(prefix, storage_options)
+    for stale in STALE_ORDER:
+        if fs.exists(path + stale):
+            fs.rm_file(path + stale)

@@ -153,6 +153,8 @@ def _to_oss_xml(body: bytes, host: str) -> ET.Element:
             "StorageClass": "Standard",
         }),
     ]
+    if root.tag == "ListMultipartUploadsResult":  # markers oss2 needs even when empty
+        required.append((".", {"NextKeyMarker": "", "NextUploadIdMarker": ""}))
     for path, fields in required:
         for el in root.iterfind(path):
             for tag, text in fields.items():

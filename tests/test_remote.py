@@ -170,16 +170,15 @@ def test_build_on_the_store_gives_the_local_bytes_and_shows_no_secret(
         assert SECRET not in text
 
     if store.protocol == "s3":
-        assert fs.info(out + ".bin")["ETag"].endswith('-3"')  # 3 parts: 5 + 5 + 0.5 MiB
+        assert fs.info(out + ".bin")["ETag"].endswith('-2"')  # 2 parts streamed: 8 + 2.5 MiB
     else:
         writes = _writes(store, bucket)
         bin_parts = [m for m, k in writes if k == ".bin" and m == "PUT"]
-        assert len(bin_parts) == 3, writes  # multipart: 3 part uploads
-        first_bin = next(i for i, (m, k) in enumerate(writes) if k == ".bin" and m != "DELETE")
-        assert writes.index(("DELETE", ".idx")) < first_bin
+        assert len(bin_parts) == 2, writes  # streamed as 2 parts
+        completed = writes.index(("POST", ".bin"), writes.index(("POST", ".bin")) + 1)
+        assert writes.index(("DELETE", ".idx")) < completed  # the old index goes first
         assert writes[-1] == ("PUT", ".manifest.json")
-        assert max(i for i, (m, k) in enumerate(writes) if k == ".bin") < writes.index(
-            ("PUT", ".idx"))
+        assert completed < writes.index(("PUT", ".idx"))
 
 
 def test_a_missing_output_bucket_fails_without_showing_the_secret(store, ray_session, qwen_dir,
@@ -216,3 +215,21 @@ def test_resolved_options_carry_the_environment_and_redact_hides_them(clean_env)
     assert SECRET not in json.dumps(shown)
     assert shown["template"] == config["template"]  # not secrets, though named like them
     assert shown["source"]["storage_options"]["oss"]["endpoint"].startswith("https://")
+
+
+def test_shards_on_the_store_concatenate_to_the_local_bytes(dataset, local_build, qwen_dir,
+                                                            clean_env, tmp_path):
+    """Two spread writers stream their shards to S3; the driver writes the manifest last."""
+    with s3_server() as store:
+        bucket, fs = _bucket_with_data(store, dataset)
+        argv = _argv(f"s3://{bucket}/data/", f"s3://{bucket}/out/sft", qwen_dir, "--shards",
+                     "2", *_credentials(store, "options", clean_env, tmp_path))
+        build_job.main(argv)
+        manifest = json.loads(fs.cat(f"{bucket}/out/sft_text_document.manifest.json"))
+        prefixes = [f"s3://{bucket}/out/sft_{k}_text_document" for k in range(2)]
+        assert [s["prefix"] for s in manifest["shards"]] == prefixes
+        bins = [fs.cat(p.removeprefix("s3://") + ".bin") for p in prefixes]
+        assert b"".join(bins) == local_build[".bin"]
+        docs = [s["documents"] for s in manifest["shards"]]
+        assert manifest["data_path"] == f"{docs[0]} {prefixes[0]} {docs[1]} {prefixes[1]}"
+        assert sum(docs) == LINES and all(docs)

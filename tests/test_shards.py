@@ -1,0 +1,99 @@
+"""``--shards N``: contiguous input ranges, the unsharded bytes when concatenated (packing none),
+and a manifest that names the shards and the --data-path that trains on all of them."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from fixtures import alpaca_samples, write_jsonl
+from sftprep import report
+from sftprep.idxmap import IndexedReader, check_sft_layout
+from sftprep.shards import data_path_argument, shard_of_tasks, task_ranges, task_reach
+from test_pipeline import build, read
+
+SIZES = [9, 3, 14, 6, 11]  # lines per file: blocks and batches span files
+
+
+def test_tasks_go_to_contiguous_shards_balanced_by_bytes():
+    assert shard_of_tasks([100] * 8, 4) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert shard_of_tasks([700, 100, 100, 100], 2) == [0, 1, 1, 1]
+    assert shard_of_tasks([10, 10], 4) == [1, 3]  # fewer tasks than shards: two stay empty
+    assert task_ranges([1, 3], 4) == [(0, -1), (0, 0), (0, -1), (1, 1)]
+    for n in (1, 2, 3, 5):
+        shards = shard_of_tasks([3, 1, 4, 1, 5, 9, 2, 6], n)
+        assert shards == sorted(shards) and shards[-1] < n
+    assert data_path_argument([{"prefix": "o/p_0_text_document", "documents": 7},
+                               {"prefix": "o/p_1_text_document", "documents": 0},
+                               {"prefix": "o/p_2_text_document", "documents": 5}]) == \
+        "7 o/p_0_text_document 5 o/p_2_text_document"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shard-data")
+    samples = alpaca_samples(sum(SIZES), seed=11)
+    out, at = [], 0
+    for k, n in enumerate(SIZES):
+        out.append(write_jsonl(root / f"part{k}.jsonl", samples[at:at + n]))
+        at += n
+    return out
+
+
+def test_four_shards_concatenate_to_the_unsharded_output(ray_session, qwen_dir, files,
+                                                         tmp_path):
+    options = dict(packing__mode="none", run__workers=2, run__batch_size=16)
+    whole = build(files, qwen_dir, tmp_path / "whole", **options)
+    sharded = build(files, qwen_dir, tmp_path / "sh", output__shards=4, **options)
+
+    prefixes = [str(tmp_path / f"sh_{k}_text_document") for k in range(4)]
+    assert [s["prefix"] for s in sharded["shards"]] == prefixes
+    bins = [open(p + ".bin", "rb").read() for p in prefixes]
+    assert b"".join(bins) == read(tmp_path / "whole")[0]
+    docs = [check_sft_layout(IndexedReader(p))["documents"] for p in prefixes]
+    assert [s["documents"] for s in sharded["shards"]] == docs
+    assert all(docs) and sum(docs) == whole["summary"]["documents"] == sum(SIZES)
+    # contiguous input ranges by bytes: each shard holds the lines of its files, in order
+    owner = shard_of_tasks([os.path.getsize(f) for f in files], 4)
+    assert docs == [sum(n for n, k in zip(SIZES, owner) if k == shard) for shard in range(4)]
+    lengths = np.concatenate([IndexedReader(p).index.sequence_lengths for p in prefixes])
+    assert np.array_equal(lengths, IndexedReader(str(tmp_path / "whole_text_document"))
+                          .index.sequence_lengths)
+    assert sharded["data_path"] == " ".join(f"{d} {p}" for d, p in zip(docs, prefixes))
+    for key in ("records", "samples_written", "documents", "tokens", "trained_tokens"):
+        assert sharded["summary"][key] == whole["summary"][key]
+    on_disk = json.loads(open(tmp_path / "sh_text_document.manifest.json").read())
+    assert on_disk["shards"] == sharded["shards"] and on_disk["data_path"] == sharded["data_path"]
+    text = report.summary_text(sharded)
+    assert f"--data-path         {sharded['data_path']}" in text
+    assert text.count("(.bin/.idx, verified)") == 4
+    assert not (tmp_path / "sh_text_document.bin").exists()
+
+
+def test_a_shard_starting_inside_a_split_file_names_true_lines(tmp_path):
+    """Read tasks 0 and 1 split one file; the shard owning task 1 still reports a bad record by
+    its line in the file, from task 0's end row (the only row of task 0 it keeps)."""
+    from sftprep.writer import SFTWriter
+    from test_writer import PAD, S, end, sample, table
+
+    assert task_reach([0, 0, 0, 1, 1], [(0, 1), (2, 3), (4, 4), (0, -1)]) == \
+        [(0, 1), (0, 3), (3, 4), (0, -1)]
+    rows = []
+    for task, lines in ((0, 3), (1, 2)):
+        for line in range(1, lines + 1):
+            ids, labels = sample(8, line)
+            rows.append({"task": task, "file": 0, "line": line, "input_ids": ids,
+                         "labels": labels})
+        rows.append(end(task, lines))
+    rows[5] = {"task": 1, "file": 0, "line": 2, "status": "rejected", "reason": "bad json",
+               "detail": "x", "text": "{"}
+    w = SFTWriter(str(tmp_path / "s_1_text_document"), ["data.jsonl"], S, PAD,
+                  on_error="skip", read_tasks=[0, 0], owns=(1, 1))
+    w.consume(table(rows))
+    summary = w.finish({})["summary"]
+    assert summary["samples_written"] == 1 and summary["rejected_records"] == 1
+    reject = json.loads(open(tmp_path / "s_1_text_document.rejects.jsonl").readline())
+    assert reject["line"] == 3 + 2
