@@ -33,6 +33,7 @@ import pyarrow as pa
 import ray
 
 import sftprep
+from sftprep import trainer
 from sftprep.config import BuildConfig, ConfigError, validate
 from sftprep.encode import Setup, prepare
 from sftprep.sources import SCHEMA as RECORD_SCHEMA
@@ -403,8 +404,11 @@ def finish_shards(config: BuildConfig, writers: list, extra: dict, options: dict
     shards = [{"prefix": prefix, "documents": s["documents"], "samples": s["samples_written"],
                "tokens": s["tokens"], "files": files}
               for prefix, s, files in zip(output_prefixes(config), summaries, outputs)]
+    figures = trainer.combine(ray.get([w.trainer_figures.remote() for w in writers]))
+    data_path = data_path_argument(shards)
     manifest = {**extra, "summary": combine_summaries(summaries, extra["elapsed_seconds"]),
-                "verified": True, "shards": shards, "data_path": data_path_argument(shards),
+                "verified": True, "shards": shards, "data_path": data_path,
+                "trainer": trainer.section(figures, config.template.seq_length, data_path),
                 "files": {"manifest": config.document_prefix + MANIFEST}}
     write_manifest(config.document_prefix + MANIFEST, manifest, options,
                    config.output.spill_dir)

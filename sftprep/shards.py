@@ -86,7 +86,8 @@ def data_path_argument(shards: list[dict]) -> str:
 
 
 _SUMMED = ("records", "samples_in", "samples_written", "rejected_records", "dropped_samples",
-           "truncated_samples", "tokens_cut", "documents", "tokens", "trained_tokens")
+           "truncated_samples", "tokens_cut", "trainer_cut_samples", "trainer_tokens_cut",
+           "documents", "tokens", "trained_tokens")
 
 
 def combine_summaries(summaries: list[dict], elapsed: float | None) -> dict:
@@ -94,9 +95,11 @@ def combine_summaries(summaries: list[dict], elapsed: float | None) -> dict:
     out = dict(summaries[0])
     for key in _SUMMED:
         out[key] = sum(s[key] for s in summaries)
-    for key in ("rejected_by_reason", "dropped_by_reason"):
+    for key in ("rejected_by_reason", "dropped_by_reason", "trainer_cut_by_reason"):
         total = sum((Counter(s[key]) for s in summaries), Counter())
         out[key] = dict(sorted(total.items()))
+    if "bfd_documents" in out:  # each shard packs its own samples: the sum of theirs
+        out["bfd_documents"] = sum(s["bfd_documents"] for s in summaries)
     docs, slots = out["documents"], out["documents"] * out["seq_length"]
     out["pad_fraction"] = round(1 - out["tokens"] / slots, 6) if slots else 0.0
     out["packing_efficiency"] = round(out["tokens"] / slots, 6) if slots else 0.0

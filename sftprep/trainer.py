@@ -46,6 +46,23 @@ def figures() -> dict:
     return {"documents": 0, "max_samples_per_document": 0, **{r: 0 for r in RULES}, "first": {}}
 
 
+def combine(parts: list[dict]) -> dict:
+    """The figures of outputs read one after another (shards in order): counts add up, and
+    document numbers run on across them."""
+    t, offset = figures(), 0
+    for part in parts:
+        for key, value in part.items():
+            if key == "first":
+                for rule, doc in value.items():
+                    t["first"].setdefault(rule, offset + doc)
+            elif key == "max_samples_per_document":
+                t[key] = max(t[key], value)
+            else:
+                t[key] += value
+        offset += part["documents"]
+    return t
+
+
 def check_rows(first: int, rows: np.ndarray, S: int, t: dict) -> None:
     """Add documents ``first, first+1, ...`` (``rows[k, 2S]``, layout already checked) to ``t``."""
     inputs, trained = rows[:, :S], rows[:, S:] != IGNORE_INDEX

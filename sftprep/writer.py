@@ -265,6 +265,10 @@ class SFTWriter:
                                f"{self.checked} against {summary}")
         return summary
 
+    def trainer_figures(self) -> dict:
+        """What each trainer mode meets in this output's documents (``trainer.figures``)."""
+        return self.trainer
+
     def outputs(self) -> dict[str, str]:
         files = {s.lstrip("."): self.prefix + s for s in SUFFIXES}
         if self._rejects:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fixtures import alpaca_samples, write_jsonl
-from sftprep import report
+from sftprep import report, trainer
 from sftprep.idxmap import IndexedReader, check_sft_layout
 from sftprep.shards import data_path_argument, shard_of_tasks, task_ranges, task_reach
 from test_pipeline import build, read
@@ -63,8 +63,13 @@ def test_four_shards_concatenate_to_the_unsharded_output(ray_session, qwen_dir, 
     assert np.array_equal(lengths, IndexedReader(str(tmp_path / "whole_text_document"))
                           .index.sequence_lengths)
     assert sharded["data_path"] == " ".join(f"{d} {p}" for d, p in zip(docs, prefixes))
-    for key in ("records", "samples_written", "documents", "tokens", "trained_tokens"):
+    for key in ("records", "samples_written", "documents", "tokens", "trained_tokens",
+                "trainer_cut_samples", "trainer_tokens_cut", "trainer_cut_by_reason"):
         assert sharded["summary"][key] == whole["summary"][key]
+    for key in ("packed_documents", "max_samples_per_document", "rows_breaking",
+                "first_document_breaking", "safe_modes"):  # the rows are the same rows
+        assert sharded["trainer"][key] == whole["trainer"][key]
+    assert sharded["trainer"]["train_with"]["DATASET_PATH"] == sharded["data_path"]
     on_disk = json.loads(open(tmp_path / "sh_text_document.manifest.json").read())
     assert on_disk["shards"] == sharded["shards"] and on_disk["data_path"] == sharded["data_path"]
     text = report.summary_text(sharded)
@@ -97,3 +102,15 @@ def test_a_shard_starting_inside_a_split_file_names_true_lines(tmp_path):
     assert summary["samples_written"] == 1 and summary["rejected_records"] == 1
     reject = json.loads(open(tmp_path / "s_1_text_document.rejects.jsonl").readline())
     assert reject["line"] == 3 + 2
+
+
+def test_trainer_figures_of_shards_number_documents_across_them():
+    first = trainer.figures() | {"documents": 5, "full_rows": 1, "max_samples_per_document": 1,
+                                 "first": {"full_rows": 3}}
+    second = trainer.figures() | {"documents": 4, "full_rows": 2, "packed_documents": 4,
+                                  "max_samples_per_document": 6,
+                                  "first": {"full_rows": 0, "packed_documents": 1}}
+    t = trainer.combine([first, second])
+    assert (t["documents"], t["full_rows"], t["packed_documents"]) == (9, 3, 4)
+    assert t["max_samples_per_document"] == 6
+    assert t["first"] == {"full_rows": 3, "packed_documents": 6}
