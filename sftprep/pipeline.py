@@ -189,7 +189,7 @@ def tokenizer_setup(config: BuildConfig, tok=None) -> Setup:
     t = config.template
     tok = tok or load_tokenizer(t.tokenizer, t.pad_token, t.chat_template)
     setup = prepare(tok, t.backend)
-    log.info("[sftprep] tokenizer backend: %s (%s)", setup.backend, setup.reason)
+    log.debug("[sftprep] tokenizer backend: %s (%s)", setup.backend, setup.reason)
     return setup
 
 

@@ -45,6 +45,10 @@ def summary_text(manifest: dict) -> str:
         lines.append(f"time                {s['elapsed_seconds']:.1f}s, "
                      f"{s['tokens_per_second']:,} tokens/s "
                      f"(writer {s['writer_tokens_per_second'] or 0:,} tokens/s)")
+    tok = manifest.get("tokenizer") or {}
+    if tok.get("backend"):
+        lines.append(f"tokenizer backend   {tok['backend']} ({tok['reason']})"
+                     + ("; HF guard: identical" if tok.get("guard") else ""))
     if "trainer" in manifest:
         lines.append(f"trainer             {manifest['trainer']['summary']}")
     shards = manifest.get("shards") or [{"prefix": manifest["files"]["bin"].rsplit(".", 1)[0],
