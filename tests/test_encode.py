@@ -28,14 +28,12 @@ from sftprep import pipeline
 from sftprep.config import BuildConfig, load
 from sftprep.demo import ALPACA, CHAT
 from sftprep.encode import NFC_STABLE, FastEncoder, encoder, prepare
-from fixtures import record_batch
+from fixtures import SHARED_DATA, record_batch
 from sftprep.sources import InputFile, ReadRange, read_range, record_table
 from sftprep.template import load_tokenizer
 from sftprep.tokenize import EncodingMismatch, Tokenize, TokenizeSpec
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SHARED = next((d for d in (os.path.join(HERE, "..", "..", "shared", "data"), "/work/shared/data")
-               if os.path.isdir(d)), None)
+SHARED = SHARED_DATA if os.path.isdir(SHARED_DATA) else None
 PUBLIC = ["alpaca_en_demo.json", "alpaca_zh_demo.json", "glaive_toolcall_en_demo.json",
           "v1_sft_demo.jsonl"]
 FAMILIES = {"llama-3": "deepseek-r1-distill-llama-8b", "glm-4": "glm-4",
@@ -88,7 +86,7 @@ def qwen_stages(qwen_dir):
 def test_qwen_stage_output_is_identical_on_every_data_file(qwen_stages):
     files = data_files()
     if not SHARED:
-        pytest.skip("no shared public data (../shared/data or /work/shared/data)")
+        pytest.skip(f"no shared public data in {SHARED_DATA} (set SFTPREP_SHARED_DATA)")
     assert assert_same_stage_output(*qwen_stages, files) > 2000
 
 

@@ -6,8 +6,6 @@ import json
 import os
 
 import pandas as pd
-import pyarrow as pa
-import pytest
 
 from fixtures import (alpaca_samples, lines_with_groups, needs_shared, record_batch,
                       shared_file, write_jsonl)

@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 
-from fixtures import alpaca_samples, lines_with_groups, write_jsonl
+from fixtures import SHARED_DATA, alpaca_samples, lines_with_groups, write_jsonl
 from test_pipeline import REFERENCE_CONF, build
 from trainer_model import TrainerError, get_batch, samples_of, trains_right
 from sftprep import trainer
@@ -21,8 +21,7 @@ from sftprep.tokenize import CUT_ID_0, CUT_PAD_SLOT, Tokenize, TokenizeSpec
 from test_tokenize import batch
 
 S = 128
-SHARED = os.environ.get("SFTPREP_SHARED_DATA",
-                        os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+SHARED = SHARED_DATA
 ALPACA_EN = os.path.join(SHARED, "alpaca_en_demo.json")
 CHAT_FILES = [os.path.join(SHARED, n) for n in ("glaive_toolcall_en_demo.json",
                                                 "v1_sft_demo.jsonl")]
