@@ -32,7 +32,9 @@ def runtime_processes(pid: int) -> list[psutil.Process]:
 
 @pytest.mark.parametrize("how", ["SIGINT", "SIGKILL", "runtime killed"])
 def test_interrupted_build_leaves_no_complete_looking_output(qwen_dir, tmp_path, how):
-    data = write_jsonl(tmp_path / "t.jsonl", alpaca_samples(3000, seed=4))
+    # Enough work that the build is still running when the interruption comes: with the fast
+    # encoder 3,000 samples were finished and published before the runtime could be killed.
+    data = write_jsonl(tmp_path / "t.jsonl", alpaca_samples(30000, seed=4))
     prefix = tmp_path / "out"
     proc = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "jobs", "build.py"), "--input", data,
