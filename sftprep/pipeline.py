@@ -22,6 +22,7 @@ import _thread
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import threading
 import time
@@ -283,6 +284,7 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
     writers = start_writers(config, files, plan, tok, options, task_shard)
     temporary = [p for paths in ray.get([w.temporary_paths.remote() for w in writers])
                  for p in paths]
+    writer_pids = ray.get([w.process_id.remote() for w in writers])
     watch = LocalRuntimeWatch().start()
     try:
         reach = task_reach([r.file for r in plan], task_ranges(task_shard, len(writers)))
@@ -313,6 +315,9 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
             manifest = finish_shards(config, writers, extra, options)
     except BaseException:
         if watch.lost:  # no Ray call can answer now; the writers' files are on this node
+            for pid in writer_pids:  # a writer outlives its raylet a moment: stop it writing
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             remove_temporary(temporary)
             raise RuntimeLost(f"the local Ray runtime stopped during the build ({watch.lost} "
                               "exited); nothing written") from None

@@ -346,6 +346,10 @@ class SFTWriter:
                 f.close()
         remove_temporary(self.temporary_paths())
 
+    def process_id(self) -> int:
+        """So the driver can stop this writer when the local runtime is lost under both."""
+        return os.getpid()
+
     def temporary_paths(self) -> list[str]:
         """Every path this run may leave behind until it publishes (files, then the spill
         directory). The writer runs on the driver's node, so the driver can delete them itself
