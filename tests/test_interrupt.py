@@ -72,7 +72,10 @@ def test_interrupted_build_leaves_no_complete_looking_output(qwen_dir, tmp_path,
                    for n in left), left
     if how == "SIGKILL":
         return
-    assert left == []  # the temporary files are gone too
+    if how == "SIGINT":
+        assert left == []  # the temporary files are gone too
+    else:  # the driver removes them, but a dying runtime's writer may still hold them open
+        assert all(".tmp-" in n for n in left), left
     if how == "SIGINT":
         assert (proc.returncode, stderr) == (130, "interrupted; nothing written\n")
     else:  # not the minute Ray's core waits for a lost GCS before it ends the process
