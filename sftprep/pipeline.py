@@ -48,8 +48,6 @@ from sftprep.template import load_tokenizer, tokenizer_fingerprint
 from sftprep.tokenize import GUARD_EVERY, GUARD_LINES, Tokenize, TokenizeSpec
 from sftprep.writer import MANIFEST, SUFFIXES, SFTWriter, remove_stale, remove_temporary
 
-log = logging.getLogger("sftprep")
-
 READ_CPUS = 0.1
 ACTOR_CPU_SHARE = 0.9
 MAX_BLOCKS_IN_FLIGHT = 4
@@ -189,9 +187,7 @@ def tokenizer_setup(config: BuildConfig, tok=None) -> Setup:
     """The tokenizer, template and encoding backend every actor gets, decided here once."""
     t = config.template
     tok = tok or load_tokenizer(t.tokenizer, t.pad_token, t.chat_template)
-    setup = prepare(tok, t.backend)
-    log.debug("[sftprep] tokenizer backend: %s (%s)", setup.backend, setup.reason)
-    return setup
+    return prepare(tok, t.backend)
 
 
 def cluster_cpus() -> float:
