@@ -236,7 +236,9 @@ def test_losing_a_worker_node_mid_run_changes_no_byte(cluster, ray_session, qwen
     """Tokenizer actors on two nodes; a worker node holding one (working, or on a loaded
     machine still starting) is killed while the writer (on the head) is writing; the job still
     succeeds and its bytes equal a one-node build's."""
-    data = write_jsonl(tmp_path / "t.jsonl", lines_with_groups(alpaca_samples(4000, seed=9)))
+    # Enough input that writing lasts seconds: with the fast encoder, 4,000 samples were all
+    # tokenized before the poll below saw the first written byte.
+    data = write_jsonl(tmp_path / "t.jsonl", lines_with_groups(alpaca_samples(30000, seed=9)))
     options = dict(packing__mode="sequential", run__workers=2, run__batch_size=16,
                    run__block_records=64)
     build_one_node([data], qwen_dir, tmp_path / "one", **options)
