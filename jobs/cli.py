@@ -77,8 +77,8 @@ def quiet() -> None:
     """Hide library log noise on the terminal; ``--verbose`` skips this.
 
     transformers: its advisories ("PyTorch was not found") and warnings, here and in every
-    process started from here (set before transformers is imported; the tokenizer actors get
-    the same through ``pipeline.worker_env``). Ray's native core: its lines are dropped from
+    process started from here (set before transformers is imported; the tokenizer actors never
+    import it). Ray's native core: its lines are dropped from
     stderr (they are in the session's python-core-driver log). Ray's Python loggers and the
     workers' output: ``pipeline.ensure_ray``.
     """

@@ -166,14 +166,6 @@ def _sigint_ignored():
         signal.signal(signal.SIGINT, previous)
 
 
-def worker_env(verbose: bool) -> dict:
-    """Environment of the tokenizer actors: one thread each; transformers quiet unless asked."""
-    env = {"TOKENIZERS_PARALLELISM": "false"}
-    if not verbose:
-        env.update(TRANSFORMERS_VERBOSITY="error", TRANSFORMERS_NO_ADVISORY_WARNINGS="1")
-    return env
-
-
 def tokenize_spec(config: BuildConfig) -> TokenizeSpec:
     t = config.template
     return TokenizeSpec(tokenizer=t.tokenizer, seq_length=t.seq_length, pad_token=t.pad_token,
@@ -183,11 +175,12 @@ def tokenize_spec(config: BuildConfig) -> TokenizeSpec:
                         trainer_safe=t.trainer_safe, backend=t.backend)
 
 
-def tokenizer_setup(config: BuildConfig, tok=None) -> Setup:
-    """The tokenizer, template and encoding backend every actor gets, decided here once."""
+def loaded_tokenizer(config: BuildConfig) -> tuple:
+    """The HF tokenizer, and the tokenizer, template and encoding backend every actor gets,
+    decided here once (``encode.Setup``)."""
     t = config.template
-    tok = tok or load_tokenizer(t.tokenizer, t.pad_token, t.chat_template)
-    return prepare(tok, t.backend)
+    tok = load_tokenizer(t.tokenizer, t.pad_token, t.chat_template)
+    return tok, prepare(tok, t.backend)
 
 
 def cluster_cpus() -> float:
@@ -240,11 +233,10 @@ def tokenized_dataset(config: BuildConfig, plan: list[ReadRange],
         urls.get(i, "") for i in range(max(urls, default=-1) + 1)))
     # One copy of the setup (~8 MB for a 150k vocabulary) in the object store for every actor,
     # passed inside a list so Ray hands the reference, not a copy per actor's arguments.
-    setup_ref = [ray.put(setup or tokenizer_setup(config))]
+    setup_ref = [ray.put(setup or loaded_tokenizer(config)[1])]
     return ds.map_batches(stage, fn_constructor_args=(spec, setup_ref),
                           batch_size=config.run.batch_size, batch_format="pyarrow",
-                          compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=actor_cpus,
-                          runtime_env={"env_vars": worker_env(config.run.verbose)})
+                          compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=actor_cpus)
 
 
 def output_prefixes(config: BuildConfig) -> list[str]:
@@ -270,17 +262,16 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
     started = time.time()
     files = expand_inputs(config.source.inputs, config.source.storage_options)
     check_output_free(config)
-    tok = load_tokenizer(config.template.tokenizer, config.template.pad_token,
-                         config.template.chat_template)
-    setup = tokenizer_setup(config, tok)
-    ensure_ray(config.run.verbose)
+    tokenizer = in_background(lambda: loaded_tokenizer(config))
+    ensure_ray(config.run.verbose)  # Ray's start is mostly waiting: the tokenizer loads meanwhile
+    tok, setup = tokenizer()
     plan = read_plan(config, files)
     options = resolve_options([config.document_prefix], config.source.storage_options)
     task_shard = shard_of_tasks([r.size for r in plan], config.output.shards)
     writers = start_writers(config, files, plan, tok, options, task_shard)
-    temporary = [p for paths in ray.get([w.temporary_paths.remote() for w in writers])
-                 for p in paths]
-    writer_pids = ray.get([w.process_id.remote() for w in writers])
+    leftovers = ray.get([w.leftovers.remote() for w in writers])
+    writer_pids = [pid for pid, _ in leftovers]
+    temporary = [p for _, paths in leftovers for p in paths]
     watch = LocalRuntimeWatch().start()
     try:
         reach = task_reach([r.file for r in plan], task_ranges(task_shard, len(writers)))
@@ -311,9 +302,7 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
             manifest = finish_shards(config, writers, extra, options)
     except BaseException:
         if watch.lost:  # no Ray call can answer now; the writers' files are on this node
-            for pid in writer_pids:  # a writer outlives its raylet a moment: stop it writing
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            stop_processes(writer_pids)  # a writer outlives its raylet a moment: stop it first
             remove_temporary(temporary)
             raise RuntimeLost(f"the local Ray runtime stopped during the build ({watch.lost} "
                               "exited); nothing written") from None
@@ -329,6 +318,56 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
             for w in writers:
                 ray.kill(w, no_restart=True)
     return manifest
+
+
+def in_background(fn: Callable[[], object]) -> Callable[[], object]:
+    """Start ``fn`` in a daemon thread; the returned function waits for its result (raising
+    what it raised)."""
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # handed to the caller, raised there
+            out["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+
+    def result():
+        thread.join()
+        if "error" in out:
+            raise out["error"]
+        return out["value"]
+    return result
+
+
+def stop_processes(pids: list[int], wait: float = 10.0) -> None:
+    """SIGKILL ``pids`` and wait until they are gone: a process killed in the middle of a system
+    call (creating a file, say) finishes that call first, after which its files can be removed
+    for good."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + wait
+    for pid in pids:
+        while time.monotonic() < deadline and _running(pid):
+            time.sleep(0.02)
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] not in (b"Z", b"X")
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel whether the pid exists
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
 
 
 def start_writers(config: BuildConfig, files: list[InputFile], plan: list[ReadRange], tok,

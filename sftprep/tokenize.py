@@ -28,6 +28,7 @@ token id 0 (its boundary ``-1 - 0 = -1`` is Megatron ``GPTDataset``'s pad sentin
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,6 +89,9 @@ class Tokenize:
     def __init__(self, spec: TokenizeSpec, setup: Setup | list | None = None):
         """``setup``: made by the driver (a build passes ``[object ref]``); None prepares it
         here (tests, benchmarks)."""
+        # One encoding thread per actor: the actors share the node's cores. Set here rather
+        # than in a runtime_env, which would keep the actor out of Ray's prestarted workers.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
         self.spec = spec
         if isinstance(setup, list):
             import ray

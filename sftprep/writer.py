@@ -346,14 +346,15 @@ class SFTWriter:
                 f.close()
         remove_temporary(self.temporary_paths())
 
-    def process_id(self) -> int:
-        """So the driver can stop this writer when the local runtime is lost under both."""
-        return os.getpid()
+    def leftovers(self) -> tuple[int, list[str]]:
+        """This writer's process id and ``temporary_paths``: the writer runs on the driver's
+        node, so when the local runtime is lost under both, the driver stops it and deletes
+        them itself."""
+        return os.getpid(), self.temporary_paths()
 
     def temporary_paths(self) -> list[str]:
         """Every path this run may leave behind until it publishes (files, then the spill
-        directory). The writer runs on the driver's node, so the driver can delete them itself
-        when the writer died before it could."""
+        directory)."""
         return [self.tmp + s for s in list(SUFFIXES) + [REJECTS, MANIFEST]] + (
             [self._spill] if self._spill else [])
 
