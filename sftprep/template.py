@@ -119,16 +119,17 @@ class ChatRenderer:
             from sftprep.trace import TracedTemplate
             self.traced = TracedTemplate(tokenizer.chat_template, self._context, self._jinja)
 
-    def render(self, messages: list[dict], tools: list | None = None) -> str:
+    def render(self, messages: list[dict], tools: list | None = None, traced: bool = True) -> str:
         """What ``apply_chat_template(messages, tools=tools, tokenize=False)`` returns.
 
         Without its per-call deep copy and normalizing of every message: ``records`` builds them
         from plain JSON values, so that work changes nothing here (``test_template`` checks the
         two agree), and rendering is the stage's largest cost after encoding (a fifth of it with
-        the HF encoder, about half with the fast path).
+        the HF encoder, about half with the fast path). ``traced=False``: through Jinja even
+        when traces are on (the stage's guard).
         """
         messages = [_with_reasoning_aliases(m) for m in messages]
-        return (self.traced or self._jinja)(messages, tools)
+        return (self.traced if traced and self.traced else self._jinja)(messages, tools)
 
     def _jinja(self, messages: list[dict], tools: list | None) -> str:
         try:
@@ -137,9 +138,9 @@ class ChatRenderer:
         except Exception as e:  # jinja2 raises many kinds; all mean "this input does not render"
             raise TemplateError(f"the chat template failed: {type(e).__name__}: {e}") from None
 
-    def __call__(self, conv: Conversation) -> Rendered:
+    def __call__(self, conv: Conversation, traced: bool = True) -> Rendered:
         msgs = conv.messages
-        full = self.render(msgs, conv.tools)
+        full = self.render(msgs, conv.tools, traced)
         turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
         if self.train_on == "last":
             turns = turns[-1:]
@@ -150,7 +151,8 @@ class ChatRenderer:
         for i in turns:
             for k in (i, i + 1):
                 if k not in bounds:
-                    bounds[k] = self._boundary(full, self.render(msgs[:k], conv.tools), k)
+                    bounds[k] = self._boundary(full, self.render(msgs[:k], conv.tools, traced),
+                                               k)
             if bounds[i + 1] < bounds[i]:
                 raise TemplateError(f"turn {i} ends before it starts in the rendered text")
             spans.append((bounds[i], bounds[i + 1]))
