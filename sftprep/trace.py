@@ -132,6 +132,18 @@ class Proxy:
     __str__ = __repr__ = __format__ = __hash__ = __iter__ = __reversed__ = __index__ = _refuse
 
 
+class Sealed:
+    """A tool schema or a tool call's ``arguments`` object during tracing: not in the shape key
+    (their fields vary from record to record), so a template may only hand one whole to a filter
+    (``tojson``, as most do). Anything else on it is untraceable, and the template is traced
+    with them in the key from then on."""
+
+    __slots__ = ()
+    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = __hash__ = __bool__ = __len__ = \
+        __iter__ = __reversed__ = __contains__ = __getitem__ = __str__ = __repr__ = \
+        __format__ = _refuse
+
+
 class _Method:
     """``proxy.name`` as the sandbox hands it to a call."""
 
@@ -178,10 +190,16 @@ class _Tracer:
         self.consts[name] = value
         return name
 
-    def copy(self, messages: list, tools) -> tuple:
-        """The input with its string values as proxies, in ``shape``'s order of leaves."""
+    def copy(self, messages: list, tools, seal: bool) -> tuple:
+        """The input with its string values as proxies (in ``shape``'s order of leaves), and
+        with ``seal`` its tool schemas and call arguments ``Sealed``."""
+        self.seal = seal
         proxied = [self._copy_message(m, f"R[0][{i}]") for i, m in enumerate(messages)]
         self._keep(proxied, messages, "R[0]")
+        if seal and type(tools) is list:
+            return proxied, self._keep([self._sealed(t, f"R[1][{i}]") if type(t) is dict
+                                        else self._copy(t, f"R[1][{i}]")
+                                        for i, t in enumerate(tools)], tools, "R[1]")
         return proxied, self._copy(tools, "R[1]")
 
     def _copy_message(self, m, src: str):
@@ -197,11 +215,16 @@ class _Tracer:
             self.leaves += 1
             return Proxy(x, f"L[{self.leaves - 1}]", self)
         if t is dict:
-            return self._keep({k: self._copy(v, f"{src}[{self.const(k)}]") for k, v in x.items()},
-                              x, src)
+            return self._keep({k: self._sealed(v, f"{src}[{self.const(k)}]")
+                               if self.seal and k == "arguments" and type(v) is dict
+                               else self._copy(v, f"{src}[{self.const(k)}]")
+                               for k, v in x.items()}, x, src)
         if t is list:
             return self._keep([self._copy(v, f"{src}[{i}]") for i, v in enumerate(x)], x, src)
         return x
+
+    def _sealed(self, original, src: str) -> Sealed:
+        return self._keep(Sealed(), original, src)
 
     def _keep(self, copy, original, src: str):
         self.inputs[id(copy)] = (original, src)
@@ -338,6 +361,8 @@ def _instrumented(Sandbox):
             return self.tracer.concat(list(parts))
 
         def getattr(self, obj, attribute: str):
+            if type(obj) is Sealed:
+                raise Untraceable("a field of a sealed tool schema or arguments")
             if type(obj) is Proxy:
                 if attribute not in STR_METHODS:
                     raise Untraceable(f"str attribute {attribute!r}")
@@ -345,6 +370,8 @@ def _instrumented(Sandbox):
             return super().getattr(obj, attribute)
 
         def getitem(self, obj, argument):
+            if type(obj) is Sealed:
+                raise Untraceable("a field of a sealed tool schema or arguments")
             if type(argument) is Proxy:
                 raise Untraceable("an input string as an index or key")
             if type(obj) is Proxy:
@@ -369,7 +396,7 @@ def _pure(env, fn, name: str, test: bool):
         tracer = env.tracer
         if name == "join" and len(args) > lead and isinstance(args[lead], types.GeneratorType):
             args = (*args[:lead], list(args[lead]), *args[lead + 1:])
-        if test and name in TYPE_TESTS and type(args[lead]) is not Proxy:
+        if test and name in TYPE_TESTS and type(args[lead]) not in (Proxy, Sealed):
             return fn(*args, **kwargs)
         if all(tracer.plain(a)[1] is None for a in (*args[lead:], *kwargs.values())):
             return fn(*args, **kwargs)
@@ -394,13 +421,17 @@ def _tracing_template(chat_template: str):
     return env, env.from_string(chat_template)
 
 
-def shape(messages: list, tools, leaves: list) -> tuple:
-    """Everything of the input a template sees without a proxy; its string values go to
-    ``leaves`` in the order ``_Tracer.copy`` numbers them."""
+SEALED = "sealed"
+
+
+def shape(messages: list, tools, leaves: list, seal: bool) -> tuple:
+    """Everything of the input a template sees without a proxy (with ``seal``, not what is
+    inside tool schemas and call arguments); its string values go to ``leaves`` in the order
+    ``_Tracer.copy`` numbers them."""
     key = []
     for m in messages:
         if type(m) is not dict:
-            key.append(_skeleton(m, leaves))
+            key.append(_skeleton(m, leaves, seal))
             continue
         items = []
         for k, v in m.items():
@@ -411,20 +442,24 @@ def shape(messages: list, tools, leaves: list) -> tuple:
                     leaves.append(v)
                     items.append(k)
             else:
-                items.append((k, _skeleton(v, leaves)))
+                items.append((k, _skeleton(v, leaves, seal)))
         key.append(tuple(items))
-    return tuple(key), _skeleton(tools, leaves)
+    if seal and type(tools) is list:
+        return tuple(key), tuple(SEALED if type(t) is dict else _skeleton(t, leaves, seal)
+                                 for t in tools)
+    return tuple(key), _skeleton(tools, leaves, seal)
 
 
-def _skeleton(x, leaves: list):
+def _skeleton(x, leaves: list, seal: bool):
     t = type(x)
     if t is str:
         leaves.append(x)
         return str
     if t is dict:
-        return (dict, *[(k, _skeleton(v, leaves)) for k, v in x.items()])
+        return (dict, *[(k, SEALED if seal and k == "arguments" and type(v) is dict
+                         else _skeleton(v, leaves, seal)) for k, v in x.items()])
     if t is list:
-        return (list, *[_skeleton(v, leaves) for v in x])
+        return (list, *[_skeleton(v, leaves, seal) for v in x])
     if x is None or t in (int, float, bool):
         return t, repr(x)
     raise Untraceable(f"a {t.__name__} in the input")
@@ -439,6 +474,7 @@ class TracedTemplate:
         self.traces: dict[tuple, list | None] = {}  # shape: replay functions, None for Jinja
         self.seen: set[tuple] = set()                # shapes met once, traced when met again
         self.rendered = self.fallbacks = 0           # renders, and those that Jinja made
+        self.seal = True  # tool schemas and arguments out of the key, until a trace needs them
         try:
             self.env, self.template = _tracing_template(chat_template)
         except Exception:  # noqa: BLE001 -- whatever the tracer cannot compile, Jinja renders
@@ -448,7 +484,7 @@ class TracedTemplate:
         self.rendered += 1
         leaves = []
         try:
-            key = shape(messages, tools, leaves)
+            key = shape(messages, tools, leaves, self.seal)
         except Untraceable:
             key = None
         traces = self.traces.get(key) if key is not None and self.template is not None else None
@@ -481,6 +517,10 @@ class TracedTemplate:
             same = False
         if same:
             traces.append(run)
+        elif self.seal:  # perhaps the template reads inside tools or arguments: key them
+            self.seal = False
+            self.traces.clear()
+            self.seen.clear()
         else:
             self.traces[key] = None
         return text
@@ -489,7 +529,7 @@ class TracedTemplate:
         tracer = _Tracer()
         self.env.tracer = tracer
         try:
-            proxied, proxied_tools = tracer.copy(messages, tools)
+            proxied, proxied_tools = tracer.copy(messages, tools, self.seal)
             parts = list(self.template.generate(messages=proxied, tools=proxied_tools,
                                                 documents=None, add_generation_prompt=False,
                                                 **self.context))

@@ -88,7 +88,8 @@ BASE = ["", " ", "\n", "\n\n", " \t\n ", "  padded  ", "\nlead", "trail\n", "<th
         "user", "system", "tool", "<tool_call>\n{\"a\": 1}\n</tool_call>",
         "<tool_response>\nr\n</tool_response>", "<｜Assistant｜>", "<｜tool▁call▁end｜>",
         "中文内容。", "emoji 👍🏽 e\u0301", "x" * 3000, "{{ x }}", "%s", "{}", "\\n", "'", '"',
-        "null", "true", "0", "Plain text answer.", "What is 2+2?", "It is 4."]
+        "null", "true", "0", "Plain text answer.", "What is 2+2?", "It is 4.",
+        "r \t\n</think>\n\n a", "<think>\n r \n\n</think>  \n\nanswer  ", " \n<think>\n\n</think>\n\n"]
 PLAIN = ["Plain text answer.", "What is 2+2?", "It is 4.", "Tell me more about tea.",
          "请简要解释光合作用。"]
 
@@ -107,12 +108,17 @@ def contents(template: str) -> list[str]:
 
 def made_conversations(pool: list[str], n: int, seed: int = 0) -> list[Conversation]:
     """``n`` conversations of six shapes (system, multi-turn, reasoning, tools and tool calls);
-    contents mostly plain text, else from ``pool``, so a shape is met with many guard outcomes
+    contents half plain text, else from ``pool`` or glued from its pieces, so a shape is met with many guard outcomes
     and each outcome many times."""
     rng = random.Random(seed)
 
     def text():
-        return rng.choice(pool) if rng.random() < 0.5 else rng.choice(PLAIN)
+        roll = rng.random()
+        if roll < 0.3:
+            return rng.choice(pool)
+        if roll < 0.5:  # pieces glued: whitespace around tags, literals inside text, ...
+            return "".join(rng.choice(pool + PLAIN) for _ in range(rng.randint(2, 4)))
+        return rng.choice(PLAIN)
 
     def msg(role, **extra):
         return {"role": role, "content": text(), **extra}
