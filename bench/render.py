@@ -7,8 +7,9 @@ Times the whole ``ChatRenderer`` call (full render, prefix renders, turn boundar
 conversation of a set, CPU time of this thread (``time.process_time``), in rounds that alternate
 Jinja and traced (A/B), and reports the best round of each, their ratio, and how many renders the
 traced renderer left to Jinja (a fresh one per round, so tracing is timed too: shapes met for
-the first time, guard outcomes not seen before, shapes it cannot trace). Every conversation's text and spans are compared first. Sets: the Alpaca EN+ZH
-demo records repeated to 10k conversations, the ShareGPT tool-call file, the OpenAI messages file.
+the first time, guard outcomes not seen before, shapes it cannot trace). Every conversation's
+text and spans are compared first. Sets: the Alpaca EN+ZH demo records repeated to 10k
+conversations, the ShareGPT tool-call file, the OpenAI messages file.
 """
 
 from __future__ import annotations

@@ -181,8 +181,8 @@ class Tokenize:
             if not np.array_equal(ids, got_ids) or spans != got_spans:
                 i, k, _, r = samples[j]
                 raise EncodingMismatch(
-                    f"{self._where(batch, i)} (sample {k}): the fast tokenizer path differs from the "
-                    f"HF tokenizer (the build stopped; --tokenizer-backend hf avoids the fast "
+                    f"{self._where(batch, i)} (sample {k}): the fast tokenizer path differs from "
+                    f"the HF tokenizer (the build stopped; --tokenizer-backend hf avoids the fast "
                     f"path): hf ids {ids.tolist()} spans {spans}; fast ids {got_ids.tolist()} "
                     f"spans {got_spans}; text {r.text!r}")
 

@@ -87,9 +87,10 @@ BASE = ["", " ", "\n", "\n\n", " \t\n ", "  padded  ", "\nlead", "trail\n", "<th
         "</think>\n\nx", "<|im_start|>", "<|im_end|>", "<|im_start|>assistant\n", "assistant",
         "user", "system", "tool", "<tool_call>\n{\"a\": 1}\n</tool_call>",
         "<tool_response>\nr\n</tool_response>", "<｜Assistant｜>", "<｜tool▁call▁end｜>",
-        "中文内容。", "emoji 👍🏽 e\u0301", "x" * 3000, "{{ x }}", "%s", "{}", "\\n", "'", '"',
-        "null", "true", "0", "Plain text answer.", "What is 2+2?", "It is 4.",
-        "r \t\n</think>\n\n a", "<think>\n r \n\n</think>  \n\nanswer  ", " \n<think>\n\n</think>\n\n"]
+        "中文内容。", "emoji 👍🏽 e\u0301", "x" * 3000, "{{ x }}", "%s", "{}", "\\n", "'",
+        '"', "null", "true", "0", "Plain text answer.", "What is 2+2?", "It is 4.",
+        "r \t\n</think>\n\n a", "<think>\n r \n\n</think>  \n\nanswer  ",
+        " \n<think>\n\n</think>\n\n"]
 PLAIN = ["Plain text answer.", "What is 2+2?", "It is 4.", "Tell me more about tea.",
          "请简要解释光合作用。"]
 
@@ -108,8 +109,8 @@ def contents(template: str) -> list[str]:
 
 def made_conversations(pool: list[str], n: int, seed: int = 0) -> list[Conversation]:
     """``n`` conversations of six shapes (system, multi-turn, reasoning, tools and tool calls);
-    contents half plain text, else from ``pool`` or glued from its pieces, so a shape is met with many guard outcomes
-    and each outcome many times."""
+    contents half plain text, else from ``pool`` or glued from its pieces, so a shape is met
+    with many guard outcomes and each outcome many times."""
     rng = random.Random(seed)
 
     def text():
