@@ -45,7 +45,7 @@ from jinja2.nodes import EvalContext
 from markupsafe import Markup
 
 MAX_TRACES = 32      # guard outcomes kept per shape; beyond them that shape renders with Jinja
-MAX_SHAPES = 20_000  # shapes remembered; a corpus of mostly unique shapes gains nothing
+MAX_SHAPES = 20_000  # shapes remembered and traced; beyond them new shapes render with Jinja
 
 # str methods a template may call on a proxy (no format/format_map: the sandbox rewrites those).
 STR_METHODS = frozenset(
@@ -369,6 +369,17 @@ def _instrumented(Sandbox):
                 return _Method(obj, attribute)
             return super().getattr(obj, attribute)
 
+        def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 -- as the sandbox's
+            """``'literal'.join(...)``, ``'literal'.startswith(x)``, ... with input values:
+            recorded like a proxy's own methods."""
+            owner = getattr(__obj, "__self__", None)
+            if (type(owner) is str and type(__obj) is types.BuiltinMethodType
+                    and __obj.__name__ in STR_METHODS
+                    and any(__self.tracer.plain(a)[1] is not None for a in args)):
+                kwargs = {k: v for k, v in kwargs.items() if k not in ("_loop_vars", "_block_vars")}
+                return __self.tracer.apply(_method(__obj.__name__), (owner, *args), kwargs)
+            return super().call(__context, __obj, *args, **kwargs)
+
         def getitem(self, obj, argument):
             if type(obj) is Sealed:
                 raise Untraceable("a field of a sealed tool schema or arguments")
@@ -506,6 +517,8 @@ class TracedTemplate:
             self.seen.add(key)
             return text
         if traces is None:
+            if len(self.traces) >= MAX_SHAPES:
+                return text
             traces = self.traces[key] = []
         if len(traces) >= MAX_TRACES:
             self.traces[key] = None
