@@ -324,7 +324,8 @@ def run_stage(path: str, tokenizer: str, seq_length: int, backend: str) -> dict:
                 samples += len(rows)
                 tokens += sum(min(n or 0, seq_length) for n in rows)
     return {**mon.figures(), "samples": samples, "tokens": tokens,
-            "stage_cpu_seconds": round(cpu, 3), "backend": stage.setup.backend}
+            "stage_cpu_seconds": round(cpu, 3), "backend": stage.setup.backend,
+            "renderer": stage.setup.renderer}
 
 
 def run_pair(spec: dict) -> dict:

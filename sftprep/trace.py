@@ -5,23 +5,28 @@ prefix render per turn boundary), and conversations of one shape take the same p
 the template again and again.
 
 How (concolic tracing). The template is compiled a second time in an instrumented copy of the
-sandbox and rendered once on a conversation whose string values (contents, names, tool-call and
-tool fields; not the roles, nor dict keys) are ``Proxy`` objects. A proxy is *not* a ``str``, so
+sandbox and rendered once on a conversation whose string values (contents, names, tool-call
+fields; not the roles, nor dict keys) are ``Proxy`` objects. A proxy is *not* a ``str``, so
 Python and C code that needs a real string raises instead of silently using the value
-(``x in 'literal'``, ``'literal'.startswith(x)``, ``str.join``, ``%``, ``str()``, ``hash``,
-iteration, dict lookups). What a template may do with a proxy is a closed list, each done on the
-concrete value and written down as one line of Python:
+(``x in 'literal'``, ``str()``, ``%``, ``hash``, iteration, dict lookups, a proxy as an index).
+What a template may do with a proxy is a closed list, each done on the concrete value and
+written down as one line of Python:
 
 - a string result (``strip``, ``split(...)[i]``, slices, ``+``, ``~``, filters such as ``trim``
-  or ``tojson``, a macro's or block's captured output) is a new proxy, a *slot*;
+  or ``tojson``, ``'sep'.join(...)``, a macro's or block's captured output) is a new proxy, a
+  *slot*;
 - any other result (``==``, ``in``, truthiness, ``startswith``, ``length``, ``is string``, ...)
   is a *guard*: the trace holds only while it comes out as it did.
 
 Filters and tests get concrete values (containers of the input by their path, so ``tojson`` of a
-tool is a slot too); the few that only walk containers (``length``, ``first``, ``selectattr``,
-``map``, ...) see proxies. Anything else a proxy meets (an unknown method, a proxy as a dict key
-or index, autoescaping, ``random``) raises ``Untraceable``. Output is the template's literal text
-and its slots; a trace replays as ``run(leaves, root)``, ``None`` where a guard fails.
+message is a slot too); the few that only walk containers (``length``, ``first``, ``selectattr``,
+``map``, ...) see proxies. Anything else a proxy meets (an unknown method, autoescaping,
+``random``) raises ``Untraceable``. Tool schemas and tool-call arguments, whose fields differ from
+record to record, are ``Sealed``: only handed whole to a filter, else the template is traced with
+their fields in the key. Output is the template's literal text and its slots; a trace replays as
+``run(leaves, root)``, ``None`` where a guard fails.
+A shape is traced when it is met the second time, and again for each new combination of guard
+outcomes, up to ``MAX_TRACES``; the first render of each is Jinja's.
 
 Why it is exact: the shape key holds everything of the input the template sees without a proxy
 (roles, keys, value types, list lengths, numbers), and every observation of a string value is a
