@@ -59,11 +59,12 @@ STR_METHODS = frozenset(
     "ljust lower lstrip partition removeprefix removesuffix replace rfind rindex rjust "
     "rpartition rsplit rstrip split splitlines startswith strip swapcase title upper "
     "zfill".split())
-# Filters that only walk containers or call proxies' own operations: they get proxies as they
-# are. Every other filter and every test gets concrete values and is recorded.
+# Filters that only walk containers or call proxies' own operations: they get containers of
+# proxies as they are (a proxy itself is recorded). Every other filter and every test gets
+# concrete values and is recorded.
 STRUCTURAL_FILTERS = frozenset(
-    "count length first last default d list items select reject selectattr rejectattr "
-    "map".split())
+    "count length first last default d list items select reject selectattr rejectattr map "
+    "reverse".split())
 # Tests that look at the type of a value only: on a non-proxy they are the same on the input.
 TYPE_TESTS = frozenset(
     "defined undefined none boolean false true integer float string mapping number sequence "
@@ -402,6 +403,18 @@ def _instrumented(Sandbox):
     return Tracing
 
 
+def _structural(env, fn, name: str):
+    """A filter that walks containers: as it is, but recorded on a proxy itself."""
+    lead = 1 if getattr(fn, "jinja_pass_arg", None) else 0
+    pure = _pure(env, fn, name, False)
+
+    @functools.wraps(fn)
+    def structural(*args, **kwargs):
+        return (pure if len(args) > lead and type(args[lead]) is Proxy else fn)(*args, **kwargs)
+
+    return structural
+
+
 def _pure(env, fn, name: str, test: bool):
     """A filter or test that gets concrete values and is recorded when they come from the input."""
     passed = getattr(fn, "jinja_pass_arg", None)  # environment, eval context or context first
@@ -428,8 +441,8 @@ def _tracing_template(chat_template: str):
     from sftprep.template import _environment  # template imports this module when it renders
 
     env = _environment(_instrumented)
-    env.filters = {name: f if name in STRUCTURAL_FILTERS else _pure(env, f, name, False)
-                   for name, f in env.filters.items()}
+    env.filters = {name: _structural(env, f, name) if name in STRUCTURAL_FILTERS
+                   else _pure(env, f, name, False) for name, f in env.filters.items()}
     env.tests = {name: _pure(env, f, name, True) for name, f in env.tests.items()}
     strftime_now = env.globals["strftime_now"]
     env.globals["strftime_now"] = lambda fmt: env.tracer.apply(strftime_now, (fmt,))

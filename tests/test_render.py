@@ -210,10 +210,13 @@ TRAPS = {  # what sentinel probing gets wrong, and what the tracer must refuse o
                         "{{ p[-1].lstrip('\\n')[:5] }}|{{ p | length }}|{{ m.content[1:-1] }}"
                         "{% if m.content %}!{% endif %}{% endfor %}",
     "macro and set block": "{% macro r(c) %}<{{ c }}>{% endmacro %}{% for m in messages %}"
-                           "{% set x %}{{ r(m.content) | upper }}{% endset %}{{ x ~ x | length }}"
-                           "{% endfor %}",
+                           "{% set x %}{{ r(m.content) | upper }}{% endset %}{{ x ~ x }}"
+                           "{% filter trim %} {{ m.content }} {% endfilter %}{% endfor %}",
+    "length": "{% for m in messages %}{{ m.content | length }}{{ m.content[:3] }}{% endfor %}",
     "strftime": "{{ strftime_now('%Y') }}{% for m in messages %}{{ m.content }}{% endfor %}",
     "sort and join": "{{ messages | map(attribute='content') | sort | join(',') }}",
+    "reverse and loop": "{% for m in messages | reverse %}{% if not loop.first %}|{% endif %}"
+                        "{{ m.content | reverse | join }}{{ loop.revindex }}{% endfor %}",
     "namespace": "{% set ns = namespace(last='') %}{% for m in messages %}{% if m.content %}"
                  "{% set ns.last = m.content %}{% endif %}{% endfor %}{{ ns.last }}",
     "raise": "{% for m in messages %}{% if m.content == 'user' %}{{ raise_exception('no: ' + "
