@@ -511,14 +511,9 @@ class TracedTemplate:
 
     def __call__(self, messages: list, tools) -> str:
         self.rendered += 1
-        leaves = []
-        try:
-            key = shape(messages, tools, leaves, self.seal)
-        except Untraceable:
-            key = None
-        traces = self.traces.get(key) if key is not None and self.template is not None else None
-        root = (messages, tools)
-        for run in traces or ():
+        leaves, root = [], (messages, tools)
+        key = self._shape(messages, tools, leaves)
+        for run in self.traces.get(key) or ():
             try:
                 text = run(leaves, root)
             except Exception:  # noqa: BLE001 -- a replay that fails proves nothing; Jinja decides
@@ -527,23 +522,37 @@ class TracedTemplate:
                 return text
         self.fallbacks += 1
         text = self.jinja(messages, tools)  # raises what Jinja raises
-        if key is None or self.template is None or (traces is None and key in self.traces):
-            return text
-        if traces is None and key not in self.seen:
-            if len(self.seen) >= MAX_SHAPES:
-                self.seen.clear()
-            self.seen.add(key)
-            return text
+        if key is not None:
+            self._learn(key, messages, tools, leaves, text)
+        return text
+
+    def _shape(self, messages: list, tools, leaves: list) -> tuple | None:
+        if self.template is None:
+            return None
+        try:
+            return shape(messages, tools, leaves, self.seal)
+        except Untraceable:
+            return None
+
+    def _learn(self, key: tuple, messages: list, tools, leaves: list, text: str) -> None:
+        """Trace a shape met before whose traces did not hold; keep the trace if it gives
+        Jinja's ``text``, else leave the shape to Jinja (or first stop sealing)."""
+        traces = self.traces.get(key)
         if traces is None:
-            if len(self.traces) >= MAX_SHAPES:
-                return text
+            if key in self.traces or len(self.traces) >= MAX_SHAPES:
+                return
+            if key not in self.seen:
+                if len(self.seen) >= MAX_SHAPES:
+                    self.seen.clear()
+                self.seen.add(key)
+                return
             traces = self.traces[key] = []
         if len(traces) >= MAX_TRACES:
             self.traces[key] = None
-            return text
+            return
         run = self._trace(messages, tools)
         try:
-            same = run is not None and run(leaves, root) == text
+            same = run is not None and run(leaves, (messages, tools)) == text
         except Exception:  # noqa: BLE001
             same = False
         if same:
@@ -554,7 +563,6 @@ class TracedTemplate:
             self.seen.clear()
         else:
             self.traces[key] = None
-        return text
 
     def _trace(self, messages: list, tools):
         tracer = _Tracer()
