@@ -277,3 +277,72 @@ def test_stage_output_is_identical_with_traced_and_jinja_rendering(qwen_dir):
         for a, b in zip(stage_tables(traced, path, i), stage_tables(jinja, path, i), strict=True):
             assert a.equals(b), path
     assert traced.render.traced.fallbacks < traced.render.traced.rendered / 10
+
+
+# -- random templates --------------------------------------------------------------------------
+
+PIECES = ["a", " ", "\n", "<think>", "</think>", "ab", "b", "x", "中", "  ", "\t"]
+LITERALS = ["'a'", "' '", "'\\n'", "'<think>'", "'</think>'", "'ab'", "''", "'b a'", "'x'"]
+
+
+def random_expr(r: random.Random, depth: int = 0) -> str:
+    """A string expression over ``m.content``: the transforms the tracer records as slots."""
+    if depth > 3:
+        return r.choice(["m.content", "m.role", "ns.x", r.choice(LITERALS)])
+    e, c, lit = (lambda: random_expr(r, depth + 1)), (lambda: random_cond(r, depth + 1)), \
+        (lambda: r.choice(LITERALS))
+    return r.choice([
+        lambda: "m.content", lambda: lit(), lambda: "ns.x", lambda: f"{e()}.strip()",
+        lambda: f"{e()}.lstrip('\\n')", lambda: f"{e()}.rstrip({lit()})",
+        lambda: f"{e()}.split({lit()})[{r.choice([0, -1, 1])}]",
+        lambda: f"({e()})[{r.choice(['1:', ':-1', '2:5', '::2', '-3:'])}]",
+        lambda: f"({e()} | trim)", lambda: f"({e()} | upper)", lambda: f"({e()} + {e()})",
+        lambda: f"({e()} ~ {e()})", lambda: f"{e()}.replace({lit()}, {lit()})",
+        lambda: f"({e()} | e)", lambda: f"({e()} | tojson)", lambda: f"({e()} if {c()} else {e()})",
+        lambda: f"({e()} | default('d', true))", lambda: f"({e()} | reverse | join)",
+        lambda: f"{lit()}.join([{e()}, {e()}])", lambda: f"({e()} | replace({lit()}, 'Q'))",
+    ])()
+
+
+def random_cond(r: random.Random, depth: int = 0) -> str:
+    """A test on string expressions: what the tracer keeps as guards."""
+    e, lit = (lambda: random_expr(r, depth + 1)), (lambda: r.choice(LITERALS))
+    return r.choice([
+        e, lambda: f"not {e()}", lambda: f"{lit()} in {e()}", lambda: f"{e()}.startswith({lit()})",
+        lambda: f"{e()}.endswith({lit()})", lambda: f"{e()} == {lit()}",
+        lambda: f"({e()} | length) > {r.randrange(4)}", lambda: f"{e()} is string",
+        lambda: f"{e()} != {e()}", lambda: f"{e()}.find({lit()}) > 0", lambda: "loop.first",
+        lambda: f"({random_cond(r, depth + 2)} and {random_cond(r, depth + 2)})",
+        lambda: f"({random_cond(r, depth + 2)} or {random_cond(r, depth + 2)})",
+    ])()
+
+
+def random_statement(r: random.Random, depth: int = 0) -> str:
+    s = (lambda: random_statement(r, depth + 1))
+    return r.choice([
+        lambda: "{{ " + random_expr(r) + " }}|", lambda: "{% set ns.x = " + random_expr(r) + " %}",
+        lambda: "{% set v = " + random_expr(r) + " %}[{{ v }}]",
+        lambda: "{% if " + random_cond(r) + " %}" + s() + "{% else %}" + s() + "{% endif %}",
+        lambda: "{% set b %}" + s() + "{% endset %}{{ b | trim }}<{{ mac(" + random_expr(r)
+                + ") }}>",
+    ][:5 if depth < 2 else 3])()
+
+
+def test_random_templates_render_identically():
+    """Random templates of string transforms, tests, branches, namespaces, set blocks and
+    macros, each on conversations of three shapes whose contents are glued from characters of
+    the templates' own literals, so traces are replayed where guards come out either way."""
+    replayed = 0
+    for seed in range(150):
+        r = random.Random(seed)
+        template = ("{% macro mac(c) %}({{ c }}){% endmacro %}{% set ns = namespace(x='') %}"
+                    "{% for m in messages %}" + random_statement(r) + random_statement(r)
+                    + "{% endfor %}{{ ns.x }}")
+        renderer = renderer_for(template, {})
+        roles = [["user", "assistant"], ["system", "user", "assistant"],
+                 ["user", "assistant", "user", "assistant"]]
+        assert_identical(renderer, [Conversation([
+            {"role": role, "content": "".join(r.choices(PIECES, k=r.choice([0, 1, 2, 3, 5])))}
+            for role in roles[i % 3]]) for i in range(100)])
+        replayed += renderer.traced.rendered - renderer.traced.fallbacks
+    assert replayed > 10_000
