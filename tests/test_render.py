@@ -7,8 +7,9 @@ each config's special tokens, as ``apply_chat_template`` passes them), the Qwen 
 reference ChatML; on the public and demo data, repo-made multi-turn conversations with system
 prompts, tools, tool calls and reasoning, and adversarial contents (empty and whitespace,
 ``<think>`` tags, the template's own literals and their single characters, role names, very long
-and non-ASCII text), many per shape so traces are replayed, not just made. A template that fails
-on a conversation must fail the same way. The stage's guard must catch a planted divergence, and
+and non-ASCII text), many per shape so traces are replayed, not just made; and on random
+templates built from the operations the tracer records. A template that fails on a conversation
+must fail the same way. The stage's guard must catch a planted divergence, and
 ``--tokenizer-backend hf`` must never trace.
 """
 
