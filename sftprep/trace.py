@@ -257,8 +257,6 @@ class _Tracer:
             parts = [(k, *self.plain(v)) for k, v in x.items()]
             if all(src is None for *_, src in parts):
                 return x, None
-            if any(type(k) is Proxy for k, *_ in parts):
-                raise Untraceable("a dict keyed by an input string")
             return ({k: v for k, v, _ in parts},
                     "{" + "".join(f"{self.const(k)}: {src or self.const(v)}, "
                                   for k, v, src in parts) + "}")
@@ -298,6 +296,7 @@ class _Tracer:
         return value if type(value.value) is str else self.apply(str, (value,))
 
     def concat(self, parts, fn=_join):
+        """Captured text (``_join``) or ``~`` (``_str_join``): a slot if a proxy is in it."""
         if not any(type(p) is Proxy for p in parts):
             return fn(*parts)
         return self.apply(fn, parts)
