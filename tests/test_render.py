@@ -26,7 +26,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from fixtures import SHARED_DATA, alpaca_samples, record_batch
+from fixtures import alpaca_samples, needs_shared, record_batch, shared_file
 from sftprep.demo import ALPACA, CHAT
 from sftprep.records import Conversation, parse_group, parse_sample
 from sftprep.template import REFERENCE_CHATML, ChatRenderer, TemplateError
@@ -68,10 +68,8 @@ def package_templates() -> dict[str, tuple[str, dict]]:
 TEMPLATES = package_templates()
 
 
-def public_conversations(every: int = 1) -> list[Conversation]:
-    """The demo files, and the public files when present (every ``every``-th record)."""
-    paths = [ALPACA, CHAT] + [os.path.join(SHARED_DATA, n) for n in PUBLIC
-                              if os.path.exists(os.path.join(SHARED_DATA, n))]
+def file_conversations(paths: list[str], every: int = 1) -> list[Conversation]:
+    """Every ``every``-th record of the files."""
     out = []
     for path in paths:
         with open(path, "rb") as f:
@@ -81,6 +79,10 @@ def public_conversations(every: int = 1) -> list[Conversation]:
         for line in records[::every]:
             out += parse_group(line)
     return out
+
+
+def public_conversations(every: int = 1) -> list[Conversation]:
+    return file_conversations([shared_file(n) for n in PUBLIC], every)
 
 
 BASE = ["", " ", "\n", "\n\n", " \t\n ", "  padded  ", "\nlead", "trail\n", "<think>",
@@ -181,7 +183,7 @@ def test_package_templates_render_identically(name):
     template, tokens = TEMPLATES[name]
     renderer = renderer_for(template, tokens)
     made = made_conversations(contents(template), 600, seed=len(name))
-    assert_identical(renderer, made + repo_conversations() + public_conversations(every=5))
+    assert_identical(renderer, made + repo_conversations() + file_conversations([ALPACA, CHAT]))
     traced = renderer.traced
     # traces were made and replayed, not only made (all these templates trace), unless the
     # template fails on every conversation (MiniMax's wants a list of content parts)
@@ -193,10 +195,22 @@ def test_package_templates_render_identically(name):
 def test_qwen_and_reference_chatml_render_identically(qwen, which):
     template = qwen.chat_template if which == "qwen" else REFERENCE_CHATML
     renderer = renderer_for(template, dict(qwen.special_tokens_map))
-    public = public_conversations()
-    assert_identical(renderer, public + repo_conversations()
+    assert_identical(renderer, file_conversations([ALPACA, CHAT]) + repo_conversations()
                      + made_conversations(contents(template), 3000))
     assert renderer.traced.fallbacks < renderer.traced.rendered / 10
+
+
+@needs_shared(*PUBLIC)
+def test_public_files_render_identically(qwen):
+    """Every record of the public files through the Qwen and reference ChatML templates, every
+    third through each package template."""
+    public = public_conversations()
+    for template in (qwen.chat_template, REFERENCE_CHATML):
+        renderer = renderer_for(template, dict(qwen.special_tokens_map))
+        assert_identical(renderer, public)
+        assert renderer.traced.fallbacks < renderer.traced.rendered / 10
+    for template, tokens in TEMPLATES.values():
+        assert_identical(renderer_for(template, tokens), public[::3])
 
 
 TRAPS = {  # what sentinel probing gets wrong, and what the tracer must refuse or model exactly
