@@ -248,7 +248,7 @@ def run_baseline(path: str, tokenizer: str, seq_length: int, shard: tuple = (0, 
     from sftprep.template import ChatRenderer, load_tokenizer
 
     tok = load_tokenizer(tokenizer)
-    render, encoder = ChatRenderer(tok), tok.backend_tokenizer
+    render, encoder = ChatRenderer(tok, traced=False), tok.backend_tokenizer  # plain Jinja
     if barrier:
         open(os.path.join(barrier, f"ready{shard[0]}"), "w").close()
         while not os.path.exists(os.path.join(barrier, "go")):
@@ -324,7 +324,8 @@ def run_stage(path: str, tokenizer: str, seq_length: int, backend: str) -> dict:
                 samples += len(rows)
                 tokens += sum(min(n or 0, seq_length) for n in rows)
     return {**mon.figures(), "samples": samples, "tokens": tokens,
-            "stage_cpu_seconds": round(cpu, 3), "backend": stage.setup.backend}
+            "stage_cpu_seconds": round(cpu, 3), "backend": stage.setup.backend,
+            "renderer": stage.setup.renderer}
 
 
 def run_pair(spec: dict) -> dict:

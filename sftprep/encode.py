@@ -65,13 +65,15 @@ class Setup:
     backend: str                      # "fast" (tiktoken) or "hf"
     reason: str                       # why that backend
     fast: dict | None = field(default=None, repr=False)  # FastBPE's tables
+    renderer: str = "jinja"           # "traced" (trace.TracedTemplate) or "jinja"
 
     def describe(self) -> dict:
-        return {"backend": self.backend, "reason": self.reason}
+        return {"backend": self.backend, "reason": self.reason, "renderer": self.renderer}
 
 
 def prepare(tok, backend: str = "auto") -> Setup:
-    """Choose the backend for a loaded HF tokenizer: ``auto`` takes the fast path if it applies."""
+    """Choose the backend for a loaded HF tokenizer: ``auto`` takes the fast path if it applies,
+    and renders through traces of the chat template (``trace``); ``hf`` is the reference."""
     text = tok.backend_tokenizer.to_str()
     fast, reason = None, "--tokenizer-backend hf"
     if backend == "auto":
@@ -80,7 +82,7 @@ def prepare(tok, backend: str = "auto") -> Setup:
             reason = _self_check(tok.backend_tokenizer.model, fast) or reason
             fast = None if reason != FAST_REASON else fast
     return Setup(text, tok.chat_template, dict(tok.special_tokens_map),
-                 "fast" if fast else "hf", reason, fast)
+                 "fast" if fast else "hf", reason, fast, "traced" if backend == "auto" else "jinja")
 
 
 FAST_REASON = "byte-level BPE: tiktoken with the tokenizer's own vocabulary, pattern and NFC"

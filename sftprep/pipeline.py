@@ -277,6 +277,8 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
         reach = task_reach([r.file for r in plan], task_ranges(task_shard, len(writers)))
         feed(tokenized_dataset(config, plan, setup=setup), writers, reach, on_progress, started)
         elapsed = time.time() - started
+        checks = " and ".join([*(["HF re-encoded"] if setup.backend == "fast" else []),
+                               *(["Jinja re-rendered"] if setup.renderer == "traced" else [])])
         extra = {
             "sftprep_version": sftprep.__version__,
             "ray_version": ray.__version__,
@@ -289,10 +291,10 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
                           "sha256": tokenizer_fingerprint(config.template.tokenizer, tok),
                           "pad_token": tok.pad_token, "pad_id": tok.pad_token_id,
                           "vocab_size": len(tok), **setup.describe(),
-                          **({"guard": f"HF re-encoded each actor's first batch, the first "
+                          **({"guard": f"{checks} each actor's first batch, the first "
                                        f"{GUARD_LINES} lines of every file and 1 in "
                                        f"{GUARD_EVERY} other samples: all identical"}
-                             if setup.backend == "fast" else {})},
+                             if checks else {})},
             "config": redact(asdict(config)),
         }
         if len(writers) == 1:

@@ -48,7 +48,8 @@ def summary_text(manifest: dict) -> str:
     tok = manifest.get("tokenizer") or {}
     if tok.get("backend"):
         lines.append(f"tokenizer backend   {tok['backend']} ({tok['reason']})"
-                     + ("; HF guard: identical" if tok.get("guard") else ""))
+                     + (f"; chat template {tok['renderer']}" if tok.get("renderer") else "")
+                     + ("; guard: identical" if tok.get("guard") else ""))
     if "trainer" in manifest:
         lines.append(f"trainer             {manifest['trainer']['summary']}")
     shards = manifest.get("shards") or [{"prefix": manifest["files"]["bin"].rsplit(".", 1)[0],

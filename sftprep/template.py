@@ -106,30 +106,41 @@ class Rendered:
 class ChatRenderer:
     """Renders conversations and finds the character span of every trained assistant turn."""
 
-    def __init__(self, tokenizer, train_on: str = "all", train_tool_calls: bool = True):
+    def __init__(self, tokenizer, train_on: str = "all", train_tool_calls: bool = True,
+                 traced: bool = True):
+        """``traced``: render through ``trace.TracedTemplate`` (the same text, faster), else
+        always through Jinja (the reference ``--tokenizer-backend hf`` keeps)."""
         self.train_on = train_on
         self.train_tool_calls = train_tool_calls
         self._template = _compile(tokenizer.chat_template)
         self._context = dict(tokenizer.special_tokens_map)  # what apply_chat_template passes
+        self.traced = None
+        if traced:
+            from sftprep.trace import TracedTemplate
+            self.traced = TracedTemplate(tokenizer.chat_template, self._context, self._jinja)
 
-    def render(self, messages: list[dict], tools: list | None = None) -> str:
+    def render(self, messages: list[dict], tools: list | None = None, traced: bool = True) -> str:
         """What ``apply_chat_template(messages, tools=tools, tokenize=False)`` returns.
 
         Without its per-call deep copy and normalizing of every message: ``records`` builds them
         from plain JSON values, so that work changes nothing here (``test_template`` checks the
         two agree), and rendering is the stage's largest cost after encoding (a fifth of it with
-        the HF encoder, about half with the fast path).
+        the HF encoder, about half with the fast path). ``traced=False``: through Jinja even
+        when traces are on (the stage's guard).
         """
+        messages = [_with_reasoning_aliases(m) for m in messages]
+        return (self.traced if traced and self.traced else self._jinja)(messages, tools)
+
+    def _jinja(self, messages: list[dict], tools: list | None) -> str:
         try:
-            return self._template.render(messages=[_with_reasoning_aliases(m) for m in messages],
-                                         tools=tools, documents=None,
+            return self._template.render(messages=messages, tools=tools, documents=None,
                                          add_generation_prompt=False, **self._context)
         except Exception as e:  # jinja2 raises many kinds; all mean "this input does not render"
             raise TemplateError(f"the chat template failed: {type(e).__name__}: {e}") from None
 
-    def __call__(self, conv: Conversation) -> Rendered:
+    def __call__(self, conv: Conversation, traced: bool = True) -> Rendered:
         msgs = conv.messages
-        full = self.render(msgs, conv.tools)
+        full = self.render(msgs, conv.tools, traced)
         turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
         if self.train_on == "last":
             turns = turns[-1:]
@@ -140,7 +151,8 @@ class ChatRenderer:
         for i in turns:
             for k in (i, i + 1):
                 if k not in bounds:
-                    bounds[k] = self._boundary(full, self.render(msgs[:k], conv.tools), k)
+                    bounds[k] = self._boundary(full, self.render(msgs[:k], conv.tools, traced),
+                                               k)
             if bounds[i + 1] < bounds[i]:
                 raise TemplateError(f"turn {i} ends before it starts in the rendered text")
             spans.append((bounds[i], bounds[i + 1]))
@@ -162,7 +174,12 @@ class ChatRenderer:
 
 
 def _compile(chat_template: str):
-    """The template compiled in the sandbox ``apply_chat_template`` uses, on jinja2's public API.
+    """The template compiled in the sandbox ``apply_chat_template`` uses (``_environment``)."""
+    return _environment().from_string(chat_template)
+
+
+def _environment(subclass=None):
+    """The sandbox ``apply_chat_template`` uses, on jinja2's public API.
 
     The same environment transformers (4.x and 5.x) builds: ``ImmutableSandboxedEnvironment``
     with ``trim_blocks``/``lstrip_blocks``, the ``loopcontrols`` extension and a
@@ -174,6 +191,9 @@ def _compile(chat_template: str):
     attribute's name alone, but decides again on every read (``loop.first``, ``content.strip``,
     ...); asked once per ``(type, name)`` it allows and refuses exactly what it did before, and
     rendering takes half the time.
+
+    ``subclass`` makes the class to instantiate from this sandbox class (``trace`` instruments
+    it), so both share every setting above.
     """
     import jinja2
     import jinja2.ext
@@ -249,13 +269,13 @@ def _compile(chat_template: str):
                 raise jinja2.exceptions.SecurityError(
                     f"chat templates cannot store underscore-prefixed attributes ({name!r})")
 
-    env = Sandbox(trim_blocks=True, lstrip_blocks=True,
-                  extensions=[Generation, jinja2.ext.loopcontrols])
+    env = (subclass(Sandbox) if subclass else Sandbox)(
+        trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
     env.verdicts = {}
     env.filters["tojson"] = tojson
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now,
                        dict=TemplateDict(), namespace=TemplateNamespace)
-    return env.from_string(chat_template)
+    return env
 
 
 def _with_reasoning_aliases(message: dict) -> dict:

@@ -10,7 +10,9 @@ groups and report problems; a read task's end row is passed on as a row of statu
 Guard: with the fast path, a deterministic subset of samples is encoded by the HF tokenizer as
 well (every sample of an actor's first batch and of the first ``GUARD_LINES`` lines of every
 file, then one in ``GUARD_EVERY`` by its origin), and any difference in ids or trained spans
-stops the build with the sample's file and line and both results.
+stops the build with the sample's file and line and both results. With traced rendering
+(``trace``), the same samples are rendered by plain Jinja too, and a different text or trained
+span stops the build the same way (so does a record only one of the two rejects).
 
 Per sample, with ``L`` tokens and trained spans from the template (contract, "One sample"):
 ``labels[t] = ids[t+1]`` where token ``t+1`` is trained, else ``-100``; ``labels[L-1] = -100``;
@@ -82,7 +84,8 @@ GUARD_EVERY = 1000
 
 
 class EncodingMismatch(RuntimeError):
-    """The fast path and the HF tokenizer disagree on a sample: the build must not go on."""
+    """A fast path (encoding, or traced rendering) and the reference disagree on a sample: the
+    build must not go on."""
 
 
 class Tokenize:
@@ -101,7 +104,8 @@ class Tokenize:
                             spec.backend)
         self.setup = setup
         self.encoder, self.hf = encoder(setup)
-        self.render = ChatRenderer(setup, spec.train_on, spec.train_tool_calls)
+        self.render = ChatRenderer(setup, spec.train_on, spec.train_tool_calls,
+                                   traced=setup.renderer == "traced")
         self.columns = dict(spec.columns)
         self.batches = 0
 
@@ -124,6 +128,8 @@ class Tokenize:
         samples = [t for t in todo if t[-1] is not None and not isinstance(t[-1], RecordError)]
         encoded = self.encoder.encode([r.text for *_, r in samples],
                                       [r.trained for *_, r in samples])
+        if self.render.traced:
+            self._render_guard(batch, todo)
         if self.encoder is not self.hf:
             self._guard(batch, samples, encoded)
         self.batches += 1
@@ -137,13 +143,39 @@ class Tokenize:
                 self._sample(out, i, k, raw, r, *next(encodings))
         return out.table(batch)
 
+    def _picked(self, batch: pa.Table, rows: list) -> list[int]:
+        """Which of ``rows`` (``(batch row, sample index, ...)``) the guards check."""
+        files, lines = batch["file"].to_pylist(), batch["line"].to_pylist()
+        return [j for j, (i, k, *_) in enumerate(rows)
+                if not self.batches or lines[i] <= GUARD_LINES
+                or (files[i] * 1_000_003 + lines[i] * 101 + k) * 2_654_435_761 % 2**32
+                % GUARD_EVERY == 0]
+
+    def _where(self, batch: pa.Table, i: int) -> str:
+        f, line = batch["file"][i].as_py(), batch["line"][i].as_py()
+        return f"{self.spec.files[f] if f < len(self.spec.files) else f'file {f}'}:{line}"
+
+    def _render_guard(self, batch: pa.Table, todo: list) -> None:
+        """Render the guarded samples (and records the template rejected) through plain Jinja
+        too; stop at the first difference in text, trained spans or rejection."""
+        rows = [t for t in todo if t[-1] is not None
+                and (not isinstance(t[-1], RecordError) or t[-1].reason == "template")]
+        for j in self._picked(batch, rows):
+            i, k, raw, got = rows[j]
+            try:
+                want = [self.render(c, traced=False)
+                        for c in parse_group(raw, self.spec.format, self.columns)][k]
+            except TemplateError as e:
+                want = RecordError("template", str(e))
+            if _outcome(want) != _outcome(got):
+                raise EncodingMismatch(
+                    f"{self._where(batch, i)} (sample {k}): the traced chat template differs "
+                    f"from Jinja (the build stopped; --tokenizer-backend hf renders with Jinja "
+                    f"only): jinja {_show(want)}; traced {_show(got)}")
+
     def _guard(self, batch: pa.Table, samples: list, encoded: list) -> None:
         """Encode the guarded samples through HF too; stop at the first difference."""
-        files, lines = batch["file"].to_pylist(), batch["line"].to_pylist()
-        picked = [j for j, (i, k, *_) in enumerate(samples)
-                  if not self.batches or lines[i] <= GUARD_LINES
-                  or (files[i] * 1_000_003 + lines[i] * 101 + k) * 2_654_435_761 % 2**32
-                  % GUARD_EVERY == 0]
+        picked = self._picked(batch, samples)
         if not picked:
             return
         checks = self.hf.encode([samples[j][-1].text for j in picked],
@@ -152,11 +184,9 @@ class Tokenize:
             got_ids, got_spans = encoded[j]
             if not np.array_equal(ids, got_ids) or spans != got_spans:
                 i, k, _, r = samples[j]
-                f = files[i]
-                where = self.spec.files[f] if f < len(self.spec.files) else f"file {f}"
                 raise EncodingMismatch(
-                    f"{where}:{lines[i]} (sample {k}): the fast tokenizer path differs from the "
-                    f"HF tokenizer (the build stopped; --tokenizer-backend hf avoids the fast "
+                    f"{self._where(batch, i)} (sample {k}): the fast tokenizer path differs from "
+                    f"the HF tokenizer (the build stopped; --tokenizer-backend hf avoids the fast "
                     f"path): hf ids {ids.tolist()} spans {spans}; fast ids {got_ids.tolist()} "
                     f"spans {got_spans}; text {r.text!r}")
 
@@ -187,6 +217,15 @@ class Tokenize:
                        + "; ".join(CUT_DETAIL[w] for w in why))
         ids[-1] = -1 - ids[-1]
         out.sample(i, k, n, first, rendered.chars, ids, labels, cut)
+
+
+def _outcome(r) -> tuple:
+    return (r.detail,) if isinstance(r, RecordError) else (r.text, r.trained)
+
+
+def _show(r) -> str:
+    return f"rejected ({r.detail})" if isinstance(r, RecordError) else \
+        f"text {r.text!r} spans {r.trained}"
 
 
 def trainer_cut(ids: np.ndarray, S: int) -> tuple[int, list[str]]:

@@ -287,6 +287,7 @@ def test_auto_and_hf_builds_write_identical_bytes(ray_session, qwen_dir, tmp_pat
             "template.seq_length": 1024, "template.backend": backend, "packing.mode": "bfd",
             "output.prefix": str(prefix), "run.progress": False}))
         assert manifest["tokenizer"]["backend"] == {"auto": "fast", "hf": "hf"}[backend]
+        assert manifest["tokenizer"]["renderer"] == {"auto": "traced", "hf": "jinja"}[backend]
         with open(f"{prefix}_text_document.bin", "rb") as b, \
                 open(f"{prefix}_text_document.idx", "rb") as i:
             out[backend] = (b.read(), i.read())
