@@ -68,27 +68,43 @@ def check_rows(first: int, rows: np.ndarray, S: int, t: dict) -> None:
     inputs, trained = rows[:, :S], rows[:, S:] != IGNORE_INDEX
     markers = inputs < 0
     samples = markers.sum(axis=1)
-    # Per sample (segment j = the inputs after j boundaries): its trained labels.
-    segment = np.cumsum(markers, axis=1) - markers
-    k = len(rows)
-    key = (np.arange(k)[:, None] * (S + 1) + segment)[trained]
-    per_segment = np.bincount(key, minlength=k * (S + 1)).reshape(k, S + 1)
-    is_sample = np.arange(S + 1)[None, :] < samples[:, None]
+    untrained_documents = ~trained.any(axis=1)
+    # A one-sample row's sample is untrained exactly when the row is (the layout check allows
+    # no trained label after the last boundary); only rows of several samples need the count
+    # per sample, which would otherwise be most of this check's time without packing.
+    untrained_samples = untrained_documents.copy()
+    multi = samples > 1
+    if multi.any():
+        untrained_samples[multi] = _untrained_sample(markers[multi], trained[multi],
+                                                     samples[multi], S)
     bad = {
         "full_rows": ~markers[:, :-1].any(axis=1),
         "erased_boundaries": (inputs == GPT_DATASET_PAD).any(axis=1),
-        "untrained_samples": ((per_segment == 0) & is_sample).any(axis=1),
-        "packed_documents": samples > 1,
-        "untrained_documents": ~trained.any(axis=1),
+        "untrained_samples": untrained_samples,
+        "packed_documents": multi,
+        "untrained_documents": untrained_documents,
     }
     for rule, rows_bad in bad.items():  # counted in documents
         n = int(rows_bad.sum())
         t[rule] += n
         if n and rule not in t["first"]:
             t["first"][rule] = first + int(np.argmax(rows_bad))
+    k = len(rows)
     t["documents"] += k
     if k:
         t["max_samples_per_document"] = max(t["max_samples_per_document"], int(samples.max()))
+
+
+def _untrained_sample(markers: np.ndarray, trained: np.ndarray, samples: np.ndarray,
+                      S: int) -> np.ndarray:
+    """Per row: whether one of its samples (segment j = the inputs after j boundaries) has no
+    trained label."""
+    segment = np.cumsum(markers, axis=1, dtype=np.int32) - markers
+    k = len(markers)
+    key = (np.arange(k)[:, None] * (S + 1) + segment)[trained]
+    per_segment = np.bincount(key, minlength=k * (S + 1)).reshape(k, S + 1)
+    is_sample = np.arange(S + 1)[None, :] < samples[:, None]
+    return ((per_segment == 0) & is_sample).any(axis=1)
 
 
 def verdict(t: dict) -> dict:

@@ -273,3 +273,34 @@ def test_a_trainer_safe_writer_refuses_a_row_packed_training_cannot_read(tmp_pat
         else:
             t = w.finish({})["trainer"]
             assert t["rows_breaking"]["full_rows"] == 1 and t["safe_modes"] == ["unpacked"]
+
+
+def test_trainer_figures_match_a_per_document_count_on_mixed_blocks():
+    """One-sample rows take a shortcut in ``check_rows``; the figures must equal counting each
+    document alone, sample by sample, on blocks mixing one-sample and packed rows, good and bad."""
+    rng = np.random.default_rng(3)
+    rows, expected = [], trainer.figures()
+    for k in range(300):
+        samples, at = [], 0
+        for _ in range(int(rng.integers(1, 4))):
+            length = int(rng.integers(2, 60))
+            if at + length > S:
+                break
+            trained_from = int(rng.integers(1, length + 1))  # length: nothing trained
+            last = int(rng.choice([0, 198, 42]))
+            samples.append((length, last, trained_from))
+            at += length
+        row = doc(*samples)
+        rows.append(row)
+        one = trainer.figures()
+        trainer.check_rows(0, row[None, :], S, one)  # a block of one row: its own figures
+        trained_per = [tf < n for n, _, tf in samples]
+        assert one["untrained_samples"] == (not all(trained_per))
+        assert one["packed_documents"] == (len(samples) > 1)
+        assert one["erased_boundaries"] == any(last == 0 for _, last, _ in samples)
+        expected = trainer.combine([expected, one])
+    got = trainer.figures()
+    for start in range(0, len(rows), 64):
+        trainer.check_rows(start, np.stack(rows[start:start + 64]), S, got)
+    assert got == expected
+    assert 0 < got["untrained_samples"] < got["documents"] and got["packed_documents"]
