@@ -230,7 +230,8 @@ def tokenized_dataset(config: BuildConfig, plan: list[ReadRange],
     actor_cpus = round(min(1.0, cpus / workers) * ACTOR_CPU_SHARE, 3)
     urls = {r.file: r.url for r in plan}
     spec = dataclasses.replace(tokenize_spec(config), files=tuple(
-        urls.get(i, "") for i in range(max(urls, default=-1) + 1)))
+        urls.get(i, "") for i in range(max(urls, default=-1) + 1)),
+        starts=tuple(r.start for r in plan))
     # One copy of the setup (~8 MB for a 150k vocabulary) in the object store for every actor,
     # passed inside a list so Ray hands the reference, not a copy per actor's arguments.
     setup_ref = [ray.put(setup or loaded_tokenizer(config)[1])]

@@ -9,7 +9,8 @@ groups and report problems; a read task's end row is passed on as a row of statu
 
 Guard: with the fast path, a deterministic subset of samples is encoded by the HF tokenizer as
 well (every sample of an actor's first batch and of the first ``GUARD_LINES`` lines of every
-file, then one in ``GUARD_EVERY`` by its origin), and any difference in ids or trained spans
+file, then one in ``GUARD_EVERY`` by its file and line, a split file's parts each counting
+lines from their start), and any difference in ids or trained spans
 stops the build with the sample's file and line and both results. With traced rendering
 (``trace``), the same samples are rendered by plain Jinja too, and a different text or trained
 span stops the build the same way (so does a record only one of the two rejects).
@@ -77,6 +78,10 @@ class TokenizeSpec:
     trainer_safe: bool = True
     backend: str = "auto"            # auto (the fast path where it applies) or hf
     files: tuple = ()                # input URLs, to name a file in a guard failure
+    # Per read task, where its part of the file starts (a byte, or a Parquet row group; 0: the
+    # file's start): a row's line counts from there (``sources``), so only a task starting
+    # its file holds the file's first lines.
+    starts: tuple = ()
 
 
 GUARD_LINES = 512
@@ -145,15 +150,25 @@ class Tokenize:
 
     def _picked(self, batch: pa.Table, rows: list) -> list[int]:
         """Which of ``rows`` (``(batch row, sample index, ...)``) the guards check."""
-        files, lines = batch["file"].to_pylist(), batch["line"].to_pylist()
+        tasks, files = batch["task"].to_pylist(), batch["file"].to_pylist()
+        lines = batch["line"].to_pylist()
         return [j for j, (i, k, *_) in enumerate(rows)
-                if not self.batches or lines[i] <= GUARD_LINES
+                if not self.batches or (lines[i] <= GUARD_LINES and not self._start(tasks[i]))
                 or (files[i] * 1_000_003 + lines[i] * 101 + k) * 2_654_435_761 % 2**32
                 % GUARD_EVERY == 0]
 
+    def _start(self, task: int) -> int:
+        return self.spec.starts[task] if task < len(self.spec.starts) else 0
+
     def _where(self, batch: pa.Table, i: int) -> str:
-        f, line = batch["file"][i].as_py(), batch["line"][i].as_py()
-        return f"{self.spec.files[f] if f < len(self.spec.files) else f'file {f}'}:{line}"
+        """``file:line``; in a part of a split file, the line within that part."""
+        task, f, line = (batch[c][i].as_py() for c in ("task", "file", "line"))
+        url = self.spec.files[f] if f < len(self.spec.files) else f"file {f}"
+        start = self._start(task)
+        if not start:
+            return f"{url}:{line}"
+        unit = "row group" if url.endswith(".parquet") else "byte"
+        return f"{url}, line {line} of the part from {unit} {start}"
 
     def _render_guard(self, batch: pa.Table, todo: list) -> None:
         """Render the guarded samples (and records the template rejected) through plain Jinja

@@ -220,8 +220,8 @@ class OffByOne:
         return out
 
 
-def alpaca_table(lines: list[int], marked: set[int]) -> pa.Table:
-    return record_table(0, 0, [(n, -1, json.dumps({
+def alpaca_table(lines: list[int], marked: set[int], task: int = 0) -> pa.Table:
+    return record_table(task, 0, [(n, -1, json.dumps({
         "instruction": "Say hi" + (" PLANTED" if n in marked else ""), "output": "hi"}).encode())
         for n in lines])
 
@@ -252,6 +252,31 @@ def test_guard_samples_are_chosen_by_origin(qwen_dir, qwen_stages):
     first = caught(lines)
     assert 0 < len(first) < 10 and caught(first) == first
     assert caught([5, 400]) == [5, 400]  # the head of every file
+
+
+def test_guard_in_a_split_file_names_the_part_and_takes_the_head_of_the_file_only(
+        qwen_dir, qwen_stages):
+    """A read task of a split file counts lines from its part's start: a failure names the part,
+    and only the task holding the file's start has the file's first lines."""
+    spec = TokenizeSpec(qwen_dir, 128, files=("data/train.jsonl",), starts=(0, 5000))
+    stage = Tokenize(spec, qwen_stages[0].setup)
+    stage.encoder = OffByOne(stage.encoder)
+    with pytest.raises(EncodingMismatch, match=r"data/train\.jsonl, line 7 of the part from "
+                       r"byte 5000 \(sample 0\)"):
+        stage(alpaca_table(list(range(1, 10)), {7}, task=1))  # a first batch: all checked
+    stage = Tokenize(spec, qwen_stages[0].setup)
+    stage(alpaca_table([1], set()))
+    stage.encoder = OffByOne(stage.encoder)
+    head = list(range(1, 200))
+    with pytest.raises(EncodingMismatch):
+        stage(alpaca_table(head, set(head), task=0))
+    checked = []
+    for n in head:
+        try:
+            stage(alpaca_table([n], {n}, task=1))
+        except EncodingMismatch:
+            checked.append(n)
+    assert len(checked) < 5  # by the 1-in-1000 choice only
 
 
 class PlantedTokenize(Tokenize):
