@@ -222,36 +222,56 @@ def check_index(ix: Index, bin_bytes: int, seq_length: int | None = None) -> dic
 
 def check_rows(first: int, rows: np.ndarray, S: int, pad_id: int | None,
                vocab_size: int | None, totals: dict) -> None:
-    """Check documents ``first, first+1, ...`` (``rows[k, 2S]``); add their figures to ``totals``."""
-    inputs, labels = rows[:, :S], rows[:, S:]
-    markers = inputs < 0
-    ids = np.where(markers, -1 - inputs, inputs)
+    """Check documents ``first, first+1, ...`` (``rows[k, 2S]``); add their figures to ``totals``.
 
-    def fail(mask: np.ndarray, what: str) -> None:
+    Past the block's last boundary (column ``w``) every row can only be padding, so there only
+    that is checked; the rules on samples run on the first ``w`` columns (without packing,
+    most of a row is padding).
+    """
+    inputs, labels = rows[:, :S], rows[:, S:]
+    if not len(rows):
+        return
+
+    def fail(mask: np.ndarray, what: str, column: int = 0) -> None:
         if mask.any():
             r, c = np.unravel_index(int(np.argmax(mask)), mask.shape)
-            raise LayoutError(f"document {first + r}, position {c}: {what}")
+            raise LayoutError(f"document {first + r}, position {column + c}: {what}")
 
-    fail(~markers.any(axis=1)[:, None], "no sample boundary (no negative input id)")
+    boundary = inputs < 0
+    fail(~boundary.any(axis=1)[:, None], "no sample boundary (no negative input id)")
+    last = S - 1 - np.argmax(boundary[:, ::-1], axis=1)  # each row's last boundary
+    w = int(last.max()) + 1
+    k = len(rows)
+    # Every row pads with one id: the pad id, or (no pad id given) whatever follows its last
+    # boundary, a row full up to S having no padding to compare.
+    pad = np.full(k, pad_id if pad_id is not None else 0, dtype=rows.dtype)
+    if pad_id is None:
+        pad = np.where(last < S - 1, inputs[np.arange(k), np.minimum(last + 1, S - 1)], 0)
+    padding = (f"padding is not the pad id {pad_id}" if pad_id is not None
+               else "padding is not one repeated pad id")
+    fail(inputs[:, w:] != pad[:, None], padding, w)
+    fail(labels[:, w:] != IGNORE_INDEX, "a trained label in the padding", w)
+    if vocab_size is not None and w < S:
+        fail((pad >= vocab_size)[:, None], f"input id out of the vocabulary (size {vocab_size})",
+             w)
+
+    inputs, labels, markers = inputs[:, :w], labels[:, :w], boundary[:, :w]
+    ids = np.where(markers, -1 - inputs, inputs)
     if vocab_size is not None:
         fail(ids >= vocab_size, f"input id out of the vocabulary (size {vocab_size})")
         fail(labels >= vocab_size, f"label out of the vocabulary (size {vocab_size})")
     fail((labels < 0) & (labels != IGNORE_INDEX), f"label below 0 and not {IGNORE_INDEX}")
     trained = labels != IGNORE_INDEX
     fail(trained & markers, "a trained label at a sample boundary")
-    fail(trained[:, -1:], "a trained label at the last position (no next token)")
-    nxt = np.zeros_like(ids)
+    if w == S:
+        fail(trained[:, -1:], "a trained label at the last position (no next token)", S - 1)
+    nxt = np.zeros_like(ids)  # the last column (a boundary or padding) has no trained label
     nxt[:, :-1] = ids[:, 1:]
     fail(trained & (labels != nxt), "label is not the next input id")
-    # Everything after the last boundary is padding: the pad id as input, -100 as label.
-    last = S - 1 - np.argmax(markers[:, ::-1], axis=1)
-    tail = np.arange(S)[None, :] > last[:, None]
-    if pad_id is None:
-        pad_id_row = np.where(last < S - 1, inputs[np.arange(len(rows)), np.minimum(last + 1, S - 1)], 0)
-        fail(tail & (inputs != pad_id_row[:, None]), "padding is not one repeated pad id")
-    else:
-        fail(tail & (inputs != pad_id), f"padding is not the pad id {pad_id}")
+    tail = np.arange(w)[None, :] > last[:, None]  # padding before column w
+    fail(tail & (inputs != pad[:, None]), padding)
     fail(tail & trained, "a trained label in the padding")
     totals["samples"] += int(markers.sum())
-    totals["tokens"] += int((~tail).sum())
-    totals["pad"] += int(tail.sum())
+    tokens = int((last + 1).sum())
+    totals["tokens"] += tokens
+    totals["pad"] += k * S - tokens

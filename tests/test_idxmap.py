@@ -8,7 +8,7 @@ import struct
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sftprep import idxmap
@@ -118,3 +118,62 @@ def test_inferred_pad_when_none_given(tmp_path, valid):
     prefix, _ = valid
     assert check_sft_layout(IndexedReader(prefix))["pad"] == 7
     assert idxmap.read_index(prefix + ".idx").dtype == np.int32
+
+
+def rules_oracle(rows: np.ndarray, S: int, pad_id: int | None, vocab: int | None):
+    """The layout's rules position by position, the model ``check_rows`` must agree with:
+    the figures of a valid block, None for a broken one."""
+    totals = {"samples": 0, "tokens": 0, "pad": 0}
+    for row in rows:
+        inputs, labels = row[:S].tolist(), row[S:].tolist()
+        bounds = [c for c in range(S) if inputs[c] < 0]
+        if not bounds:
+            return None
+        last = bounds[-1]
+        pad = pad_id if pad_id is not None else (inputs[last + 1] if last < S - 1 else 0)
+        ids = [-1 - x if x < 0 else x for x in inputs]
+        for c in range(S):
+            trained = labels[c] != -100
+            if vocab is not None and (ids[c] >= vocab or labels[c] >= vocab):
+                return None
+            if labels[c] < 0 and trained:
+                return None
+            if trained and (inputs[c] < 0 or c == S - 1 or labels[c] != ids[c + 1]):
+                return None
+            if c > last and (inputs[c] != pad or trained):
+                return None
+        totals["samples"] += len(bounds)
+        totals["tokens"] += last + 1
+        totals["pad"] += S - 1 - last
+    return totals
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.lists(st.integers(1, 8), min_size=1, max_size=3),
+                          st.integers(0, 10**6),
+                          st.none() | st.tuples(st.integers(0, 2 * S - 1),
+                                                st.sampled_from([-100, -7, -1, 0, 5, 42,
+                                                                 PAD, 1000]))),
+                min_size=1, max_size=6),
+       st.sampled_from([PAD, None]), st.sampled_from([100, None]))
+@example([([S - 1], 1, (S - 1, 1000))], None, 100)  # the only padding: an id past the vocabulary
+def test_check_rows_agrees_with_the_rules_position_by_position(docs, pad_id, vocab):
+    """``check_rows`` checks a block's used width in full and the rest as padding only; its
+    verdict and figures must be the rules' on every position, valid and damaged rows alike."""
+    rows = []
+    for lengths, seed, damage in docs:
+        lengths = [n for n in lengths if n >= 2]
+        if not lengths or sum(lengths) > S:
+            lengths = [S]  # a row full up to S
+        row = sample_doc(lengths, seed)
+        if damage:
+            row[damage[0]] = damage[1]
+        rows.append(row)
+    rows = np.stack(rows)
+    want = rules_oracle(rows, S, pad_id, vocab)
+    got = {"samples": 0, "tokens": 0, "pad": 0}
+    try:
+        idxmap.check_rows(0, rows, S, pad_id, vocab, got)
+    except LayoutError:
+        got = None
+    assert got == want
