@@ -46,7 +46,8 @@ from sftprep.sources import (InputFile, ReadRange, auto_split_bytes, expand_inpu
 from sftprep.storage import filesystem, is_remote, redact, resolve_options
 from sftprep.template import load_tokenizer, tokenizer_fingerprint
 from sftprep.tokenize import GUARD_EVERY, GUARD_LINES, Tokenize, TokenizeSpec
-from sftprep.writer import MANIFEST, SUFFIXES, SFTWriter, remove_stale, remove_temporary
+from sftprep.writer import (MANIFEST, STALE_ORDER, SUFFIXES, SFTWriter, remove_stale,
+                            remove_temporary)
 
 READ_CPUS = 0.1
 ACTOR_CPU_SHARE = 0.9
@@ -299,6 +300,7 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
             "config": redact(asdict(config)),
         }
         if len(writers) == 1:
+            remove_other_shards(config, options)
             manifest = ray.get(writers[0].finish.remote(
                 {**extra, "data_path": config.document_prefix}))
         else:
@@ -437,11 +439,27 @@ def feed(ds: ray.data.Dataset, writers: list, reach: list[tuple[int, int]],
     settle(0)
 
 
+def remove_other_shards(config: BuildConfig, options: dict) -> None:
+    """Remove the shards an earlier build at this prefix left beyond this build's own
+    (``P_k_text_document`` from k = ``shards``; every one for an unsharded build): beside the
+    new output they would look like a part of it. A build writes its shards 0..N-1, so the
+    first number without files ends the search."""
+    k = config.output.shards if config.output.shards > 1 else 0
+    while True:
+        prefix = shard_prefix(config.output.prefix, k)
+        fs, path = filesystem(prefix, options)
+        if not any(fs.exists(path + s) for s in STALE_ORDER):
+            return
+        remove_stale(prefix, options)
+        k += 1
+
+
 def finish_shards(config: BuildConfig, writers: list, extra: dict, options: dict) -> dict:
     """Seal every shard, remove the old output's manifest (and any unsharded files), publish
     the shards, then write the one manifest naming them, last."""
     summaries = ray.get([w.seal.remote(extra["elapsed_seconds"]) for w in writers])
     remove_stale(config.document_prefix, options)
+    remove_other_shards(config, options)
     ray.get([w.publish.remote() for w in writers])
     outputs = ray.get([w.outputs.remote() for w in writers])
     shards = [{"prefix": prefix, "documents": s["documents"], "samples": s["samples_written"],

@@ -78,6 +78,25 @@ def test_four_shards_concatenate_to_the_unsharded_output(ray_session, qwen_dir, 
     assert not (tmp_path / "sh_text_document.bin").exists()
 
 
+def test_a_rebuild_with_fewer_shards_leaves_no_shard_of_the_old_one(ray_session, qwen_dir,
+                                                                    files, tmp_path):
+    """Rebuilding a prefix with fewer shards, or unsharded, removes the old build's other
+    shards: nothing beside the new output looks like a part of it."""
+    def shards_on_disk() -> set[str]:
+        return {p.name.split("_text_document")[0] for p in tmp_path.glob("sh_*_text_document*")}
+
+    options = dict(packing__mode="none", run__workers=2, run__batch_size=16,
+                   output__overwrite=True)
+    build(files, qwen_dir, tmp_path / "sh", output__shards=3, **options)
+    assert shards_on_disk() == {"sh_0", "sh_1", "sh_2"}
+    build(files, qwen_dir, tmp_path / "sh", output__shards=2, **options)
+    assert shards_on_disk() == {"sh_0", "sh_1"}
+    whole = build(files, qwen_dir, tmp_path / "sh", **options)
+    assert shards_on_disk() == set()
+    assert whole["summary"]["documents"] == sum(SIZES)
+    assert (tmp_path / "sh_text_document.bin").exists()
+
+
 def test_a_shard_starting_inside_a_split_file_names_true_lines(tmp_path):
     """Read tasks 0 and 1 split one file; the shard owning task 1 still reports a bad record by
     its line in the file, from task 0's end row (the only row of task 0 it keeps)."""
