@@ -175,13 +175,16 @@ class Tokenize:
         too; stop at the first difference in text, trained spans or rejection."""
         rows = [t for t in todo if t[-1] is not None
                 and (not isinstance(t[-1], RecordError) or t[-1].reason == "template")]
+        jinja: dict = {}  # batch row -> its record's renders, or the template's error
         for j in self._picked(batch, rows):
             i, k, raw, got = rows[j]
-            try:
-                want = [self.render(c, traced=False)
-                        for c in parse_group(raw, self.spec.format, self.columns)][k]
-            except TemplateError as e:
-                want = RecordError("template", str(e))
+            if i not in jinja:  # a record's samples are rendered together, once
+                try:
+                    jinja[i] = [self.render(c, traced=False)
+                                for c in parse_group(raw, self.spec.format, self.columns)]
+                except TemplateError as e:
+                    jinja[i] = RecordError("template", str(e))
+            want = jinja[i] if isinstance(jinja[i], RecordError) else jinja[i][k]
             if _outcome(want) != _outcome(got):
                 raise EncodingMismatch(
                     f"{self._where(batch, i)} (sample {k}): the traced chat template differs "
