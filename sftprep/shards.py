@@ -85,11 +85,14 @@ def data_path_argument(shards: list[dict]) -> str:
     return " ".join(f"{s['documents']} {s['prefix']}" for s in shards if s["documents"])
 
 
+SETTINGS = ("seq_length",)  # numbers that are the build's settings, not counts: must agree
+
+
 def merge_figures(parts: list):
     """One figure from the shards' (or sources') same figure, by one rule: numbers add up,
-    except maxima (a key ending in ``_max``, or ``_seconds``: the parts ran side by side);
-    dicts merge key by key, lists item by item; anything else (a flag, a name) must agree.
-    So a new figure cannot silently show one part's value."""
+    except maxima (a key ending in ``_max``, or ``_seconds``: the parts ran side by side) and
+    ``SETTINGS``; dicts merge key by key, lists item by item; anything else (a flag, a name, a
+    setting) must agree. So a new figure cannot silently show one part's value."""
     return _merge(parts, "")
 
 
@@ -103,7 +106,7 @@ def _merge(parts: list, key: str):
         if len({len(p) for p in parts}) > 1:
             raise ValueError(f"{key!r}: the parts' lists differ in length")
         return [_merge(list(items), key) for items in zip(*parts)]
-    if isinstance(first, (int, float)) and not isinstance(first, bool):
+    if isinstance(first, (int, float)) and not isinstance(first, bool) and key not in SETTINGS:
         return max(parts) if key.endswith(("_max", "_seconds")) else sum(parts)
     if any(p != first for p in parts):
         raise ValueError(f"{key!r}: the parts disagree ({parts!r}); no rule merges them")
