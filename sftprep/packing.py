@@ -102,11 +102,8 @@ class _Unit:
     length: int
     seq: int
     pieces: list[Piece] = field(compare=False)
-    group: int = field(default=0, compare=False)
-
-    @property
-    def records(self) -> set:
-        return {p.record for p in self.pieces if p.record is not None}
+    group: int = field(default=0, compare=False)  # the input group it came from
+    records: frozenset = field(default=frozenset(), compare=False)  # its pieces' records
 
 
 @dataclass
@@ -142,7 +139,9 @@ class BestFitPacker:
     def add(self, group: Sequence[Piece]) -> Iterator[Document]:
         self._groups += 1
         for doc in GreedyPacker(self.seq_length, per_group=True).add(group):
-            self._units.append(_Unit(sum(p.length for p in doc), self._seq, doc, self._groups))
+            records = frozenset(p.record for p in doc if p.record is not None)
+            self._units.append(_Unit(sum(p.length for p in doc), self._seq, doc, self._groups,
+                                     records))
             self._seq += 1
         if len(self._units) >= self.window:
             bins = self._best_fit()

@@ -213,15 +213,21 @@ def test_the_writer_counts_every_figure_per_source(tmp_path):
                      {"task": 1, "file": 1, "line": 3, "status": "dropped",
                       "reason": "prompt too long", "detail": "x", "text": "{}"},
                      ok(1, 1, 5), end(1, 1, 9)]))
-    w.consume(table([ok(2, 0, 1), ok(2, 0, 2), ok(2, 0, 3), end(2, 0, 3)]))
+    w.consume(table([ok(2, 0, 1), ok(2, 0, 2), ok(2, 0, 3),
+                     {"task": 2, "file": 0, "line": 4, "sample": -1, "status": "rejected",
+                      "reason": "bad", "detail": "x", "text": "{"}, end(2, 0, 4)]))
     summary = w.finish({})["summary"]
+    with open(tmp_path / "o_text_document.rejects.jsonl", encoding="utf-8") as f:
+        # the second pass over data.jsonl counts its lines from the file's start again
+        assert [(e["file"], e["line"]) for e in map(json.loads, f)] == [
+            ("data.json", 1), ("data.json", 3), ("data.jsonl", 4)]
     a, b = summary["sources"]
-    assert (a["source"], a["records_read"], a["records"], a["samples_written"]) == ("a", 6, 6, 6)
+    assert (a["source"], a["records_read"], a["records"], a["samples_written"]) == ("a", 7, 7, 6)
     assert (b["records_read"], b["records"], b["rejected_records"], b["dropped_samples"],
             b["samples_written"]) == (9, 4, 1, 1, 2)
     assert a["truncated_samples"] == 2 and b["truncated_samples"] == 1
     assert_sources_add_up(summary)
-    assert summary["records_read"] == 15 and summary["tokens"] > 0
+    assert summary["records_read"] == 16 and summary["tokens"] > 0
 
 
 def test_one_merge_rule_for_shards():
