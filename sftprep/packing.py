@@ -12,13 +12,18 @@ Example, ``S = 10``, groups ``[6] [5] [3, 4] [2]`` (sample lengths):
 - ``sequential`` (``GreedyPacker(10, per_group=False)``): ``[6] [5, 3] [4, 2]``; 20/30.
 - ``bfd`` (``BestFitPacker(10, window)``): a group that fits stays whole (``[3, 4]`` is one unit
   of 7); units go largest first into the fullest document they fit: ``[3, 4, 2] [6] [5]``; 20/30.
+
+Copies: a piece may name the input record it comes from (``Piece.record``). Two groups holding
+the same record (copies of it, from a repeated source) never share a document: ``sequential``
+closes the document before the second, ``bfd`` skips documents that hold the record already.
+Pieces without a record (None) are never held apart, so output without copies is unchanged.
 """
 
 from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol, Sequence
+from typing import Any, Hashable, Iterator, Protocol, Sequence
 
 MODES = ("none", "sequential", "bfd")
 
@@ -29,6 +34,7 @@ class Piece:
 
     length: int
     payload: Any = None
+    record: Hashable = None  # the input record it comes from; copies never share a document
 
 
 Document = list[Piece]
@@ -66,20 +72,26 @@ class GreedyPacker:
         self.per_group = per_group
         self._doc: Document = []
         self._used = 0
+        self._records: dict = {}  # record -> the group that brought it into this document
+        self._groups = 0
 
     def add(self, group: Sequence[Piece]) -> Iterator[Document]:
+        self._groups += 1
         for piece in group:
             _check(piece, self.seq_length)
-            if self._used + piece.length > self.seq_length:
+            if (self._used + piece.length > self.seq_length
+                    or self._records.get(piece.record, self._groups) != self._groups):
                 yield from self.flush()
             self._doc.append(piece)
             self._used += piece.length
+            if piece.record is not None:
+                self._records[piece.record] = self._groups
         if self.per_group:
             yield from self.flush()
 
     def flush(self) -> Iterator[Document]:
         if self._doc:
-            doc, self._doc, self._used = self._doc, [], 0
+            doc, self._doc, self._used, self._records = self._doc, [], 0, {}
             yield doc
 
 
@@ -90,6 +102,8 @@ class _Unit:
     length: int
     seq: int
     pieces: list[Piece] = field(compare=False)
+    group: int = field(default=0, compare=False)  # the input group it came from
+    records: frozenset = field(default=frozenset(), compare=False)  # its pieces' records
 
 
 @dataclass
@@ -97,6 +111,10 @@ class _Bin:
     seq: int
     used: int = 0
     units: list[_Unit] = field(default_factory=list)
+    records: dict = field(default_factory=dict)  # record -> its group
+
+    def holds_other_copy(self, unit: _Unit) -> bool:
+        return any(self.records.get(r, unit.group) != unit.group for r in unit.records)
 
 
 class BestFitPacker:
@@ -116,10 +134,14 @@ class BestFitPacker:
         self.window = window
         self._units: list[_Unit] = []
         self._seq = 0
+        self._groups = 0
 
     def add(self, group: Sequence[Piece]) -> Iterator[Document]:
+        self._groups += 1
         for doc in GreedyPacker(self.seq_length, per_group=True).add(group):
-            self._units.append(_Unit(sum(p.length for p in doc), self._seq, doc))
+            records = frozenset(p.record for p in doc if p.record is not None)
+            self._units.append(_Unit(sum(p.length for p in doc), self._seq, doc, self._groups,
+                                     records))
             self._seq += 1
         if len(self._units) >= self.window:
             bins = self._best_fit()
@@ -137,6 +159,9 @@ class BestFitPacker:
         room: list[tuple[int, int]] = []  # (space left, bin number), sorted
         for unit in sorted(self._units, key=lambda u: (-u.length, u.seq)):
             at = bisect.bisect_left(room, (unit.length, -1))
+            records = unit.records
+            while records and at < len(room) and bins[room[at][1]].holds_other_copy(unit):
+                at += 1  # the next fullest document it fits
             if at == len(room):
                 target = _Bin(len(bins))
                 bins.append(target)
@@ -144,6 +169,7 @@ class BestFitPacker:
                 target = bins[room.pop(at)[1]]
             target.units.append(unit)
             target.used += unit.length
+            target.records.update(dict.fromkeys(records, unit.group))
             bisect.insort(room, (self.seq_length - target.used, target.seq))
         return bins
 

@@ -34,15 +34,13 @@ import pyarrow as pa
 import ray
 
 import sftprep
-from sftprep import trainer
 from sftprep.config import BuildConfig, ConfigError, validate
 from sftprep.encode import Setup, prepare
 from sftprep.sources import SCHEMA as RECORD_SCHEMA
-from sftprep.shards import (combine_summaries, data_path_argument, shard_of_tasks,
-                            shard_prefix, task_ranges, task_reach, task_span,
-                            write_manifest)
-from sftprep.sources import (InputFile, ReadRange, auto_split_bytes, expand_inputs, plan_reads,
-                             read_range)
+from sftprep.shards import (assemble_manifest, shard_of_tasks, shard_prefix, task_ranges,
+                            task_reach, task_span, write_manifest)
+from sftprep.sources import (InputFile, ReadRange, auto_split_bytes, count_records,
+                             expand_inputs, mixture_plan, parse_source, plan_reads, read_range)
 from sftprep.storage import filesystem, is_remote, redact, resolve_options
 from sftprep.template import load_tokenizer, tokenizer_fingerprint
 from sftprep.tokenize import GUARD_EVERY, GUARD_LINES, Tokenize, TokenizeSpec
@@ -190,12 +188,39 @@ def cluster_cpus() -> float:
 
 def read_plan(config: BuildConfig, files: list[InputFile]) -> list[ReadRange]:
     """The read tasks: large files split in ranges of ``source.split_bytes`` (default: enough
-    ranges for every CPU of the cluster, see ``sources.auto_split_bytes``)."""
+    ranges for every CPU of the cluster, see ``sources.auto_split_bytes``), repeated for every
+    pass over a source and carrying the sources' selections (``sources.mixture_plan``): the
+    ranges of sources that take samples or a fraction are counted first, in parallel."""
     split = config.source.split_bytes
     if split is None:
         split = auto_split_bytes(files, cluster_cpus())
-    return plan_reads(files, split, resolve_options([f.url for f in files],
-                                                    config.source.storage_options))
+    options = resolve_options([f.url for f in files], config.source.storage_options)
+    plan = plan_reads(files, split, options)
+    sources = source_list(config)
+    counted = [i for i, r in enumerate(plan) if sources[r.source].counted]
+    count = ray.remote(num_cpus=READ_CPUS)(count_records)
+    counts = dict(zip(counted, ray.get([count.remote(plan[i], options) for i in counted])))
+    return mixture_plan(plan, sources, counts, config.source.seed)
+
+
+def source_list(config: BuildConfig) -> list:
+    """The sources (``sources.Source``) the inputs name."""
+    return [parse_source(e, config.source.storage_options) for e in config.source.inputs]
+
+
+def sources_section(config: BuildConfig, files: list[InputFile], plan: list[ReadRange]) -> list:
+    """The manifest's ``sources``: each as written, its selection, its records (when counted)
+    and what each pass over it keeps (null: all)."""
+    out = []
+    for k, source in enumerate(source_list(config)):
+        tasks = [r for r in plan if r.source == k]
+        partial = [r.select for r in tasks if r.select]
+        out.append({"source": source.spec, "path": source.path, **source.selection(),
+                    **({"records": partial[0].total} if partial else {}),
+                    "passes": [next((r.select.keep for r in tasks if r.copy == c and r.select),
+                                    None) for c in sorted({r.copy for r in tasks})],
+                    "files": sum(f.source == k for f in files)})
+    return out
 
 
 def record_dataset(config: BuildConfig, plan: list[ReadRange]) -> ray.data.Dataset:
@@ -269,14 +294,15 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
     tok, setup = tokenizer()
     plan = read_plan(config, files)
     options = resolve_options([config.document_prefix], config.source.storage_options)
-    task_shard = shard_of_tasks([r.size for r in plan], config.output.shards)
+    task_shard = shard_of_tasks([r.size * r.select.keep // r.select.total if r.select else r.size
+                                 for r in plan], config.output.shards)
     writers = start_writers(config, files, plan, tok, options, task_shard)
     leftovers = ray.get([w.leftovers.remote() for w in writers])
     writer_pids = [pid for pid, _ in leftovers]
     temporary = [p for _, paths in leftovers for p in paths]
     watch = LocalRuntimeWatch().start()
     try:
-        reach = task_reach([r.file for r in plan], task_ranges(task_shard, len(writers)))
+        reach = task_reach([r.pass_key for r in plan], task_ranges(task_shard, len(writers)))
         feed(tokenized_dataset(config, plan, setup=setup), writers, reach, on_progress, started)
         elapsed = time.time() - started
         checks = " and ".join([*(["HF re-encoded"] if setup.backend == "fast" else []),
@@ -286,7 +312,9 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
             "ray_version": ray.__version__,
             "created_unix": round(started, 3),
             "elapsed_seconds": round(elapsed, 3),
-            "inputs": [{"url": f.url, "bytes": f.size,
+            "seed": config.source.seed,
+            "sources": sources_section(config, files, plan),
+            "inputs": [{"url": f.url, "bytes": f.size, "source": f.source,
                         "read_tasks": sum(r.file == i for r in plan)}
                        for i, f in enumerate(files)],
             "tokenizer": {"path": config.template.tokenizer,
@@ -299,12 +327,7 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
                              if checks else {})},
             "config": redact(asdict(config)),
         }
-        if len(writers) == 1:
-            remove_other_shards(config, options)
-            manifest = ray.get(writers[0].finish.remote(
-                {**extra, "data_path": config.document_prefix}))
-        else:
-            manifest = finish_shards(config, writers, extra, options)
+        manifest = finish_shards(config, writers, extra, options)
     except BaseException:
         if watch.lost:  # no Ray call can answer now; the writers' files are on this node
             stop_processes(writer_pids)  # a writer outlives its raylet a moment: stop it first
@@ -389,8 +412,9 @@ def start_writers(config: BuildConfig, files: list[InputFile], plan: list[ReadRa
         num_cpus=0, max_restarts=0, scheduling_strategy=placement,
     ).remote(prefix, [f.url for f in files], config.template.seq_length, tok.pad_token_id,
              config.packing.mode, config.packing.window, config.source.on_error, options,
-             config.output.spill_dir, len(tok), [r.file for r in plan],
-             trainer_safe=config.template.trainer_safe, owns=own)
+             config.output.spill_dir, len(tok), plan,
+             trainer_safe=config.template.trainer_safe, owns=own,
+             sources=[s.spec for s in source_list(config)])
         for prefix, own in zip(prefixes, owns)]
 
 
@@ -455,22 +479,17 @@ def remove_other_shards(config: BuildConfig, options: dict) -> None:
 
 
 def finish_shards(config: BuildConfig, writers: list, extra: dict, options: dict) -> dict:
-    """Seal every shard, remove the old output's manifest (and any unsharded files), publish
-    the shards, then write the one manifest naming them, last."""
+    """Seal every writer (one, or a shard each), remove the old output's manifest and files
+    (unsharded or shards beyond this build's), publish the writers' files, then write the one
+    manifest naming them, last."""
     summaries = ray.get([w.seal.remote(extra["elapsed_seconds"]) for w in writers])
     remove_stale(config.document_prefix, options)
     remove_other_shards(config, options)
     ray.get([w.publish.remote() for w in writers])
     outputs = ray.get([w.outputs.remote() for w in writers])
-    shards = [{"prefix": prefix, "documents": s["documents"], "samples": s["samples_written"],
-               "tokens": s["tokens"], "files": files}
-              for prefix, s, files in zip(output_prefixes(config), summaries, outputs)]
-    figures = trainer.combine(ray.get([w.trainer_figures.remote() for w in writers]))
-    data_path = data_path_argument(shards)
-    manifest = {**extra, "summary": combine_summaries(summaries, extra["elapsed_seconds"]),
-                "verified": True, "shards": shards, "data_path": data_path,
-                "trainer": trainer.section(figures, config.template.seq_length, data_path),
-                "files": {"manifest": config.document_prefix + MANIFEST}}
+    figures = ray.get([w.trainer_figures.remote() for w in writers])
+    manifest = assemble_manifest(extra, summaries, figures, output_prefixes(config), outputs,
+                                 config.template.seq_length, config.document_prefix + MANIFEST)
     write_manifest(config.document_prefix + MANIFEST, manifest, options,
                    config.output.spill_dir)
     return manifest

@@ -19,7 +19,9 @@ def progress_line(p: dict) -> str:
 def summary_text(manifest: dict) -> str:
     s = manifest["summary"]
     lines = [
-        f"records read        {_n(s['records'])}",
+        f"records read        {_n(s.get('records_read', s['records']))}"
+        + (f" ({_n(s['records'])} selected)" if s.get("records_read", s["records"]) != s["records"]
+           else ""),
         f"samples in          {_n(s['samples_in'])}",
         f"samples written     {_n(s['samples_written'])}",
         f"rejected records    {_n(s['rejected_records'])}" + _reasons(s["rejected_by_reason"]),
@@ -35,6 +37,8 @@ def summary_text(manifest: dict) -> str:
         f"packing efficiency  {s['packing_efficiency']:.2%} "
         f"({s['samples_per_document_mean']} samples/document, max {s['samples_per_document_max']})",
     ]
+    if len(s.get("sources", [])) > 1 or s.get("records_read", s["records"]) != s["records"]:
+        lines.append(source_table(s["sources"]))
     if s.get("bfd_documents") is not None and s["pad_fraction"] > PAD_ADVICE:
         lines.append(f"advice              {s['pad_fraction']:.0%} of the file is padding: "
                      f"--packing bfd would write {_n(s['bfd_documents'])} documents instead "
@@ -63,6 +67,22 @@ def summary_text(manifest: dict) -> str:
     if len(shards) > 1:
         lines.append(f"--data-path         {manifest['data_path']}")
     return "\n".join(lines)
+
+
+SOURCE_COLUMNS = (("read", "records_read"), ("selected", "records"),
+                  ("samples", "samples_written"), ("tokens", "tokens"),
+                  ("trained", "trained_tokens"), ("dropped", "dropped_samples"),
+                  ("cut", "truncated_samples"), ("rejected", "rejected_records"))
+
+
+def source_table(sources: list[dict]) -> str:
+    """The summary's figures per source (the manifest's ``summary.sources`` has them all)."""
+    width = min(40, max(len("per source"), *(len(s["source"]) for s in sources)))
+    out = [f"{'per source':<{width}}" + "".join(f" {name:>10}" for name, _ in SOURCE_COLUMNS)]
+    for s in sources:
+        name = s["source"] if len(s["source"]) <= width else "…" + s["source"][1 - width:]
+        out.append(f"{name:<{width}}" + "".join(f" {_n(s[key]):>10}" for _, key in SOURCE_COLUMNS))
+    return "\n".join(out)
 
 
 def _reasons(by: dict) -> str:

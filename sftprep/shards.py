@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections import Counter
 
 import pyarrow as pa
 import ray
 
+from sftprep import trainer
 from sftprep.sink import MultipartSink
 from sftprep.storage import is_remote
 
@@ -85,34 +85,78 @@ def data_path_argument(shards: list[dict]) -> str:
     return " ".join(f"{s['documents']} {s['prefix']}" for s in shards if s["documents"])
 
 
-_SUMMED = ("records", "samples_in", "samples_written", "rejected_records", "dropped_samples",
-           "truncated_samples", "tokens_cut", "trainer_cut_samples", "trainer_tokens_cut",
-           "documents", "tokens", "trained_tokens")
+SETTINGS = ("seq_length",)  # numbers that are the build's settings, not counts: must agree
+
+
+def merge_figures(parts: list):
+    """One figure from the shards' (or sources') same figure, by one rule: numbers add up,
+    except maxima (a key ending in ``_max``, or ``_seconds``: the parts ran side by side) and
+    ``SETTINGS``; dicts merge key by key, lists item by item; anything else (a flag, a name, a
+    setting) must agree. So a new figure cannot silently show one part's value."""
+    return _merge(parts, "")
+
+
+def _merge(parts: list, key: str):
+    first = parts[0]
+    if isinstance(first, dict):
+        keys = list(dict.fromkeys(k for p in parts for k in p))
+        merged = {k: _merge([p[k] for p in parts if k in p], k) for k in keys}
+        return dict(sorted(merged.items())) if key.endswith("_by_reason") else merged
+    if isinstance(first, list):
+        if len({len(p) for p in parts}) > 1:
+            raise ValueError(f"{key!r}: the parts' lists differ in length")
+        return [_merge(list(items), key) for items in zip(*parts)]
+    if isinstance(first, (int, float)) and not isinstance(first, bool) and key not in SETTINGS:
+        return max(parts) if key.endswith(("_max", "_seconds")) else sum(parts)
+    if any(p != first for p in parts):
+        raise ValueError(f"{key!r}: the parts disagree ({parts!r}); no rule merges them")
+    return first
+
+
+_DERIVED = ("pad_fraction", "packing_efficiency", "samples_per_document_mean",
+            "writer_tokens_per_second", "tokens_per_second")
+
+
+def derive_figures(s: dict) -> dict:
+    """The ratios of a summary, from its counts (after a merge, never merged themselves)."""
+    s = {k: v for k, v in s.items() if k not in _DERIVED}
+    docs, slots = s["documents"], s["documents"] * s["seq_length"]
+    s["pad_fraction"] = round(1 - s["tokens"] / slots, 6) if slots else 0.0
+    s["packing_efficiency"] = round(s["tokens"] / slots, 6) if slots else 0.0
+    s["samples_per_document_mean"] = round(s["samples_written"] / docs, 3) if docs else 0.0
+    s["writer_tokens_per_second"] = (round(s["tokens"] / s["writer_seconds"])
+                                     if s["writer_seconds"] else None)
+    if s.get("elapsed_seconds"):
+        s["tokens_per_second"] = round(s["tokens"] / s["elapsed_seconds"])
+    return s
 
 
 def combine_summaries(summaries: list[dict], elapsed: float | None) -> dict:
-    """One summary for the whole output from the shards' (counts add up; ratios recomputed)."""
-    out = dict(summaries[0])
-    for key in _SUMMED:
-        out[key] = sum(s[key] for s in summaries)
-    for key in ("rejected_by_reason", "dropped_by_reason", "trainer_cut_by_reason"):
-        total = sum((Counter(s[key]) for s in summaries), Counter())
-        out[key] = dict(sorted(total.items()))
-    if "bfd_documents" in out:  # each shard packs its own samples: the sum of theirs
-        out["bfd_documents"] = sum(s["bfd_documents"] for s in summaries)
-    docs, slots = out["documents"], out["documents"] * out["seq_length"]
-    out["pad_fraction"] = round(1 - out["tokens"] / slots, 6) if slots else 0.0
-    out["packing_efficiency"] = round(out["tokens"] / slots, 6) if slots else 0.0
-    out["samples_per_document_mean"] = (round(out["samples_written"] / docs, 3) if docs
-                                        else 0.0)
-    out["samples_per_document_max"] = max(s["samples_per_document_max"] for s in summaries)
-    out["writer_seconds"] = max(s["writer_seconds"] for s in summaries)  # they run side by side
-    out["writer_tokens_per_second"] = (round(out["tokens"] / out["writer_seconds"])
-                                       if out["writer_seconds"] else None)
+    """One summary for the whole output from the shards' (``merge_figures``, then the ratios)."""
+    out = merge_figures([{k: v for k, v in s.items() if k not in _DERIVED} for s in summaries])
     if elapsed:
         out["elapsed_seconds"] = elapsed
-        out["tokens_per_second"] = round(out["tokens"] / elapsed)
-    return out
+    return derive_figures(out)
+
+
+def assemble_manifest(extra: dict, summaries: list[dict], figures: list[dict],
+                      prefixes: list[str], outputs: list[dict], seq_length: int,
+                      manifest_url: str) -> dict:
+    """The build's manifest from its writers' sealed summaries, trainer figures and files (one
+    writer, or a shard each), the one place it is made."""
+    summary = combine_summaries(summaries, extra.get("elapsed_seconds"))
+    if len(summaries) == 1:
+        data_path, files, shards = prefixes[0], outputs[0], {}
+        figure = figures[0]
+    else:
+        listed = [{"prefix": prefix, "documents": s["documents"], "samples": s["samples_written"],
+                   "tokens": s["tokens"], "files": files}
+                  for prefix, s, files in zip(prefixes, summaries, outputs)]
+        data_path, files, shards = (data_path_argument(listed), {"manifest": manifest_url},
+                                    {"shards": listed})
+        figure = trainer.combine(figures)
+    return {**extra, "summary": summary, "verified": True, **shards, "data_path": data_path,
+            "trainer": trainer.section(figure, seq_length, data_path), "files": files}
 
 
 def write_manifest(url: str, manifest: dict, storage_options: dict | None,

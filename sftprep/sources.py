@@ -22,15 +22,28 @@ structs left out, as a JSON writer would), so every later stage sees one kind of
 Splitting (``plan_reads``): an uncompressed ``.jsonl`` file larger than ``split_bytes`` is cut
 into byte ranges, each owning the lines that start inside it; a Parquet file into runs of whole
 row groups of about ``split_bytes``; ``.json`` arrays and ``.gz`` files stay one task.
+
+Sources (``parse_source``, ``mixture_plan``): every input is a source, optionally with a selection
+(``samples``, ``fraction``, ``repeat``; ``path#N`` on the command line). A file named by two
+sources is read once for each. A selection is made in the read task, before anything is parsed:
+record ``r`` (its position in the source: files sorted, records in file order) of a pass is kept
+iff ``permute(r) < keep``, ``permute`` a bijection of ``[0, M)`` keyed by the seed and the source's
+path, so the choice depends on nothing but (seed, path, position) and the count is exact. ``M``
+and each read task's first position come from a counting pass (Parquet: the footer; other files:
+one extra read, counting records exactly as the reader yields them). Copy ``c`` of a source is its
+own pass, placed in round ``c`` after every source's earlier passes, so copies of a record lie a
+whole round apart in the order the packer sees.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import BinaryIO, Iterator
 
+import numpy as np
 import orjson
 import pyarrow as pa
 
@@ -54,17 +67,72 @@ class InputError(ValueError):
     """An input path matched nothing readable; the message names it."""
 
 
+SELECTIONS = ("samples", "fraction", "repeat")
+DEFAULT_SEED = 42
+
+
+@dataclass(frozen=True)
+class Source:
+    """One entry of ``source.inputs``: a path (file, directory or glob) and at most one selection.
+    ``spec`` is the entry as written, which names the source in figures and errors."""
+
+    spec: str
+    path: str
+    samples: int | None = None
+    fraction: float | None = None
+    repeat: int | None = None
+
+    @property
+    def counted(self) -> bool:
+        """Whether the selection needs the source's record count (a counting pass)."""
+        return self.samples is not None or self.fraction is not None
+
+    def selection(self) -> dict:
+        return {k: getattr(self, k) for k in SELECTIONS if getattr(self, k) is not None}
+
+
+_COUNT_SUFFIX = re.compile(r"^(.*)#(\d+)$")
+
+
+def parse_source(entry: str | dict, storage_options: dict | None = None) -> Source:
+    """A ``source.inputs`` entry as a ``Source``. A string ``path#N`` takes N samples, unless the
+    whole string exists as a path (a file really named ``x.jsonl#5``); a mapping
+    ``{path, samples | fraction | repeat}`` takes its path literally. Shapes and values are
+    checked by ``config.validate``."""
+    if isinstance(entry, dict):
+        return Source(spec=_mapping_spec(entry), path=str(entry["path"]),
+                      **{k: entry[k] for k in SELECTIONS if entry.get(k) is not None})
+    m = _COUNT_SUFFIX.match(entry)
+    if m and not _exists(entry, storage_options):
+        return Source(spec=entry, path=m.group(1), samples=int(m.group(2)))
+    return Source(spec=entry, path=entry)
+
+
+def _mapping_spec(entry: dict) -> str:
+    extra = ", ".join(f"{k}: {entry[k]}" for k in SELECTIONS if entry.get(k) is not None)
+    return f"{entry['path']}" + (f" ({extra})" if extra else "")
+
+
+def _exists(spec: str, storage_options: dict | None) -> bool:
+    fs, path = filesystem(spec, storage_options)
+    return fs.exists(path)
+
+
 @dataclass(frozen=True)
 class InputFile:
     url: str
     size: int
+    source: int = 0  # index of the source that named it
 
 
-def expand_inputs(inputs: list[str], storage_options: dict | None = None) -> list[InputFile]:
-    """Files, directories (searched recursively) and globs, sorted and unique; directories and
-    globs keep only EXTENSIONS, so a stray README or .txt beside the data is never read."""
-    found: dict[str, int] = {}
-    for spec in inputs:
+def expand_inputs(inputs: list, storage_options: dict | None = None) -> list[InputFile]:
+    """Every source's files (``source.inputs`` entries, see ``parse_source``): files,
+    directories (searched recursively) and globs, unique within a source; directories and globs
+    keep only EXTENSIONS, so a stray README or .txt beside the data is never read. Ordered by URL
+    (then source): a file named by two sources appears once for each."""
+    found: dict[tuple[str, int], int] = {}
+    for index, entry in enumerate(inputs):
+        spec = parse_source(entry, storage_options).path
         fs, path = filesystem(spec, storage_options)
         if any(c in path for c in "*?["):
             paths = [p for p in fs.glob(path) if p.endswith(EXTENSIONS)]
@@ -78,8 +146,8 @@ def expand_inputs(inputs: list[str], storage_options: dict | None = None) -> lis
             raise InputError(f"input {spec!r} matched no {'/'.join(EXTENSIONS)} file")
         for p in paths:
             url = fs.unstrip_protocol(p) if "://" in spec else p
-            found[url] = fs.size(p)
-    return [InputFile(url, found[url]) for url in sorted(found)]
+            found[url, index] = fs.size(p)
+    return [InputFile(url, found[url, k], k) for url, k in sorted(found)]
 
 
 def is_parquet(url: str) -> bool:
@@ -101,6 +169,14 @@ class ReadRange:
     start: int = 0
     end: int | None = None
     size: int = 0  # bytes, for Ray Data's estimates
+    source: int = 0  # the source that named the file
+    copy: int = 0    # which pass over the source (``mixture_plan``)
+    select: "Selection | None" = None  # None: every record
+
+    @property
+    def pass_key(self) -> tuple[int, int]:
+        """What a range's line numbers count from: its file in this pass (``Origins``)."""
+        return self.file, self.copy
 
 
 def auto_split_bytes(files: list[InputFile], cpus: float) -> int:
@@ -116,13 +192,14 @@ def plan_reads(files: list[InputFile], split_bytes: int, storage_options: dict |
     plan = []
     for index, f in enumerate(files):
         if not split_bytes or f.size <= split_bytes or not _splittable(f.url):
-            plan.append(ReadRange(index, f.url, size=f.size))
+            plan.append(ReadRange(index, f.url, size=f.size, source=f.source))
         elif is_parquet(f.url):
             plan += _row_group_runs(index, f, split_bytes, storage_options)
         else:
             n = math.ceil(f.size / split_bytes)
             cuts = [f.size * k // n for k in range(n + 1)]
-            plan += [ReadRange(index, f.url, a, b, b - a) for a, b in zip(cuts, cuts[1:])]
+            plan += [ReadRange(index, f.url, a, b, b - a, f.source)
+                     for a, b in zip(cuts, cuts[1:])]
     return plan
 
 
@@ -139,23 +216,21 @@ def _row_group_runs(index: int, f: InputFile, split_bytes: int, storage_options:
     for g, size in enumerate(sizes):
         acc += size
         if acc >= split_bytes or g == len(sizes) - 1:
-            runs.append(ReadRange(index, f.url, first, g + 1, acc))
+            runs.append(ReadRange(index, f.url, first, g + 1, acc, f.source))
             first, acc = g + 1, 0
-    return runs or [ReadRange(index, f.url, size=f.size)]
+    return runs or [ReadRange(index, f.url, size=f.size, source=f.source)]
 
 
 def read_range(r: ReadRange, task: int, storage_options: dict | None,
                block_records: int) -> Iterator[pa.Table]:
     """Stream one read task as Arrow tables of at most ``block_records`` rows (the task body);
-    the last row is the task's end row."""
+    the last row is the task's end row. With ``r.select`` only the selected records come."""
     fs, path = filesystem(r.url, storage_options)
     rows: list[tuple[int, int, bytes | None]] = []
     with fs.open(path, "rb", compression=None if r.end is not None else "infer") as f:
-        if is_parquet(r.url):
-            items = _parquet_rows(f, r.start, r.end)
-        else:
-            items = iter_records(f, is_array_file=r.url.endswith((".json", ".json.gz")),
-                                 start=r.start, end=r.end)
+        items = _records(r, f)
+        if r.select is not None:
+            items = r.select.filter(items, r.url)
         for item in items:
             rows.append(item)
             if len(rows) >= block_records:
@@ -163,6 +238,26 @@ def read_range(r: ReadRange, task: int, storage_options: dict | None,
                 rows = []
     if rows:
         yield record_table(task, r.file, rows)
+
+
+def _records(r: ReadRange, f: BinaryIO) -> Iterator[tuple[int, int, bytes | None]]:
+    if is_parquet(r.url):
+        return _parquet_rows(f, r.start, r.end)
+    return iter_records(f, is_array_file=r.url.endswith((".json", ".json.gz")),
+                        start=r.start, end=r.end)
+
+
+def count_records(r: ReadRange, storage_options: dict | None) -> int:
+    """How many records ``read_range`` yields for ``r`` (without a selection): a Parquet range's
+    rows from the footer, any other file by reading it as the reader does."""
+    fs, path = filesystem(r.url, storage_options)
+    with fs.open(path, "rb", compression=None if r.end is not None else "infer") as f:
+        if is_parquet(r.url):
+            import pyarrow.parquet as pq
+            meta = pq.ParquetFile(f).metadata
+            end = meta.num_row_groups if r.end is None else r.end
+            return sum(meta.row_group(g).num_rows for g in range(r.start, end))
+        return sum(1 for _, _, text in _records(r, f) if text is not None)
 
 
 def record_table(task: int, file: int, rows: list[tuple[int, int, bytes | None]]) -> pa.Table:
@@ -347,6 +442,134 @@ def _json_default(value):
     return str(value)
 
 
+# -- selection: which records of a source a pass keeps ------------------------------------------
+
+_ROUNDS = 6
+_M1, _M2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
+
+
+def _mix(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer: a fixed bijection of uint64 that scrambles every bit."""
+    z = (z ^ (z >> np.uint64(30))) * _M1
+    z = (z ^ (z >> np.uint64(27))) * _M2
+    return z ^ (z >> np.uint64(31))
+
+
+def source_key(seed: int, path: str) -> tuple[int, ...]:
+    """The permutation's round keys for a source: a function of the seed and the source's path
+    only (so reordering sources, or changing N, keeps each record's rank)."""
+    digest = hashlib.blake2b(f"{seed}\0{path}".encode(), digest_size=8 * _ROUNDS).digest()
+    return tuple(int.from_bytes(digest[8 * i:8 * i + 8], "little") for i in range(_ROUNDS))
+
+
+def permute(positions: np.ndarray, key: tuple[int, ...], total: int) -> np.ndarray:
+    """A keyed bijection of ``[0, total)``, vectorized: a balanced Feistel network on the
+    smallest even number of bits covering ``total``, cycle-walked back into range (O(1)
+    memory: no table of ``total`` entries)."""
+    bits = max(2, (int(total) - 1).bit_length())
+    bits += bits % 2
+    half, mask = np.uint64(bits // 2), np.uint64((1 << (bits // 2)) - 1)
+    keys = [np.uint64(k) for k in key]
+
+    def once(x: np.ndarray) -> np.ndarray:
+        left, right = x >> half, x & mask
+        for k in keys:
+            left, right = right, left ^ (_mix(right ^ k) & mask)
+        return (left << half) | right
+
+    y = once(np.asarray(positions, dtype=np.uint64))
+    out_of_range = y >= np.uint64(total)
+    while out_of_range.any():
+        y[out_of_range] = once(y[out_of_range])
+        out_of_range = y >= np.uint64(total)
+    return y
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A partial pass's choice within one read task: the source holds ``total`` records, the
+    task's are positions ``first .. first + count - 1``, and position ``r`` is kept iff
+    ``permute(r) < keep``."""
+
+    key: tuple[int, ...]
+    total: int
+    keep: int
+    first: int
+    count: int
+
+    def mask(self, n: int, offset: int = 0) -> np.ndarray:
+        start = self.first + offset
+        return permute(np.arange(start, start + n, dtype=np.uint64), self.key,
+                       self.total) < np.uint64(self.keep)
+
+    def filter(self, items: Iterator[tuple[int, int, bytes | None]], url: str,
+               chunk: int = 4096) -> Iterator[tuple[int, int, bytes | None]]:
+        """The selected records of ``items``, then its end row; the task must read exactly the
+        ``count`` records the counting pass found (else the file changed in between)."""
+        seen, buf = 0, []
+
+        def flush():
+            nonlocal seen, buf
+            keep = self.mask(len(buf), seen)
+            seen += len(buf)
+            out, buf = [item for item, k in zip(buf, keep) if k], []
+            return out
+
+        for item in items:
+            if item[2] is not None:
+                buf.append(item)
+                if len(buf) >= chunk:
+                    yield from flush()
+                continue
+            yield from flush()
+            if seen != self.count:
+                raise InputError(f"{url} changed while it was read: the counting pass found "
+                                 f"{self.count} records in a range, the read {seen}")
+            yield item
+
+
+def passes(source: Source, total: int | None) -> list[int | None]:
+    """What each pass over a source keeps: None for a whole copy, else a count of its ``total``
+    records (the last pass). ``samples: N``: N // M whole copies and N % M more; ``fraction: f``:
+    as samples of round(f * M); ``repeat: k``: k whole copies."""
+    if source.repeat is not None:
+        return [None] * source.repeat
+    if not source.counted:
+        return [None]
+    n = source.samples if source.samples is not None else math.floor(source.fraction * total
+                                                                        + 0.5)
+    if n and not total:
+        raise InputError(f"input {source.spec!r}: the source has no records to take {n} from")
+    whole, rest = divmod(n, total) if total else (0, 0)
+    return [None] * whole + ([rest] if rest else [])
+
+
+def mixture_plan(plan: list[ReadRange], sources: list[Source], counts: dict[int, int],
+                 seed: int) -> list[ReadRange]:
+    """The read tasks of every pass over every source, in rounds: round ``c`` holds pass ``c``
+    of each source that has one, in ``plan``'s order. ``counts``: the records of each range of
+    ``plan`` (by index) of the counted sources."""
+    totals = {k: sum(counts[i] for i, r in enumerate(plan) if r.source == k)
+              for k, s in enumerate(sources) if s.counted}
+    before, firsts = {}, {}  # records of a source before each of its ranges
+    for i, r in enumerate(plan):
+        if r.source in totals:
+            firsts[i] = before.get(r.source, 0)
+            before[r.source] = firsts[i] + counts[i]
+    keeps = [passes(s, totals.get(k)) for k, s in enumerate(sources)]
+    keys = [source_key(seed, s.path) for s in sources]
+    out = []
+    for copy in range(max((len(k) for k in keeps), default=0)):
+        for i, r in enumerate(plan):
+            if copy >= len(keeps[r.source]):
+                continue
+            keep = keeps[r.source][copy]
+            select = None if keep is None else Selection(keys[r.source], totals[r.source], keep,
+                                                         firsts[i], counts[i])
+            out.append(replace(r, copy=copy, select=select))
+    return out
+
+
 class Origins:
     """True positions of records, for a consumer that sees the read rows in input order.
 
@@ -356,11 +579,13 @@ class Origins:
     a task's rows may only follow the previous task's end row, and ``finish`` wants them all.
     """
 
-    def __init__(self, files: list[str], task_files: list[int],
+    def __init__(self, files: list[str], task_files: list,
                  tasks: tuple[int, int] | None = None):
-        """``tasks``: the first and last task expected (a shard's; default: all)."""
+        """``task_files``: what each read task's lines count from, its file (index) or its
+        ``ReadRange.pass_key`` (a file read again for another copy counts from its start).
+        ``tasks``: the first and last task expected (a shard's; default: all)."""
         self.files = files
-        self.task_files = task_files  # the file index of every read task
+        self.task_files = task_files
         first, self.last = tasks or (0, len(task_files) - 1)
         self.task = first - 1         # the task whose rows are arriving
         self.ended = True             # its end row has passed

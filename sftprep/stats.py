@@ -34,11 +34,11 @@ from sftprep.config import (ConfigError, PackingConfig, RunConfig, SourceConfig,
                             opt, validate)
 from sftprep.packing import MODES, Piece, make_packer
 from sftprep.records import RecordError, parse_group
-from sftprep.sources import ORIGIN, Origins, expand_inputs
+from sftprep.sources import ORIGIN, Origins, ReadRange, expand_inputs
 from sftprep.sources import describe as describe_origin
 from sftprep.tokenize import DROPPED, END, OK, REJECTED, Tokenize
 from sftprep.tokenize import SCHEMA as TOKENIZE_SCHEMA
-from sftprep.writer import BadRecordError
+from sftprep.writer import Reports
 
 LADDER = [512, 1024, 2048, 4096, 8192]
 WHOLE_TARGET = 0.99      # recommended S keeps at least this fraction of samples whole
@@ -165,6 +165,12 @@ class SampleLengths:
     prompt: np.ndarray   # int32, tokens before the first trained one
     ok: np.ndarray       # bool, kept by the stage at the configured S (not dropped)
     written: np.ndarray  # int32, tokens the stage kept at the configured S
+    source: np.ndarray   # int32, the source the sample's record came from
+
+    def of_source(self, k: int) -> "SampleLengths":
+        """The samples of source ``k``."""
+        mine = self.source == k
+        return SampleLengths(**{f.name: getattr(self, f.name)[mine] for f in fields(self)})
 
     def kept_at(self, S: int, seq_length: int, trainer_safe: bool) -> np.ndarray:
         """Samples a build at ``S`` would keep: the stage's own verdict at the configured length,
@@ -186,15 +192,16 @@ class SampleLengths:
 
 
 class Collector:
-    """Takes the stage's blocks in input order; keeps int32 lengths and the bad-record list."""
+    """Takes the stage's blocks in input order; keeps int32 lengths, per-source counts and the
+    bad-record list (``writer.Reports``, the build's rule)."""
 
     def __init__(self, files: list[str], on_error: str, bad_path: str | None,
-                 read_tasks: list[int] | None = None):
-        self.origins = Origins(files, list(range(len(files))) if read_tasks is None
-                               else read_tasks)
-        self.on_error = on_error
-        self.bad_path = bad_path
-        self._bad_file = None
+                 plan: list[ReadRange] | None = None, sources: int = 1):
+        plan = plan or [ReadRange(i, url) for i, url in enumerate(files)]
+        self.origins = Origins(files, [r.pass_key for r in plan])
+        self.task_source = np.array([r.source for r in plan], dtype=np.int32)
+        self.whole = np.array([r.select is None for r in plan])
+        self.reports = Reports(bad_path, on_error, "to count and list bad records")
         self.parts: dict[str, list[np.ndarray]] = {f.name: [] for f in fields(SampleLengths)}
         self.records = 0
         self._last = (-1, -1, -1)
@@ -202,6 +209,11 @@ class Collector:
         self.bad_reasons: Counter = Counter()
         self.bad_examples: list[dict] = []
         self.dropped_reasons: Counter = Counter()
+        # per source: records read (a selection's passed-over records too), selected, bad
+        self.by_source = np.zeros((sources, 3), dtype=np.int64)
+        for r in plan:
+            if r.select:
+                self.by_source[r.source, 0] += r.select.count
 
     def add(self, t: pa.Table) -> None:
         status = t["status"]
@@ -218,6 +230,11 @@ class Collector:
         group = self.records + np.cumsum(new) - 1
         self.records = int(group[-1]) + 1
         self._last = tuple(int(k[-1]) for k in key)
+        tasks = key[0][new]
+        sources = self.task_source[tasks]
+        n = len(self.by_source)
+        self.by_source[:, 0] += np.bincount(sources[self.whole[tasks]], minlength=n)
+        self.by_source[:, 1] += np.bincount(sources, minlength=n)
         sample = t["sample"].to_numpy() >= 0
         status = t["status"]
         for name, col in (("chars", "chars"), ("tokens", "tokens"), ("prompt", "prompt_tokens"),
@@ -225,6 +242,7 @@ class Collector:
             values = pc.fill_null(t[col], -1).to_numpy().astype(np.int32)
             self.parts[name].append(values[sample])
         self.parts["group"].append(group[sample].astype(np.int32))
+        self.parts["source"].append(self.task_source[key[0][sample]])
         self.parts["ok"].append(pc.equal(status, OK).to_numpy(zero_copy_only=False)[sample])
         dropped = t.filter(pc.equal(status, DROPPED))
         self.dropped_reasons.update(dropped["reason"].to_pylist())
@@ -238,26 +256,23 @@ class Collector:
                 continue
             self.origins.enter(task)
             entry = {**self.origins.locate(f, line, element), "reason": reason, "detail": detail}
-            if self.on_error == "fail":
-                raise BadRecordError(f"{describe_origin(entry)}: {reason}: {detail}\n(fix the "
-                                     "record, or run with --on-error skip to count and list "
-                                     "bad records)")
+            self.reports.add(entry)
             self.bad_count += 1
             self.bad_reasons[reason] += 1
+            self.by_source[self.task_source[task], 2] += 1
             if len(self.bad_examples) < BAD_EXAMPLES:
                 self.bad_examples.append(entry)
-            if self.bad_path:
-                if self._bad_file is None:
-                    self._bad_file = open(self.bad_path, "w", encoding="utf-8")
-                self._bad_file.write(json.dumps(entry, ensure_ascii=False) + "\n")
 
     def finish(self) -> SampleLengths:
         self.origins.finish()
-        if self._bad_file:
-            self._bad_file.close()
+        self.reports.close()
         return SampleLengths(**{name: np.concatenate(p) if p else
                                 np.zeros(0, dtype=bool if name == "ok" else np.int32)
                                 for name, p in self.parts.items()})
+
+    def source_counts(self, k: int) -> dict:
+        read, selected, bad = (int(x) for x in self.by_source[k])
+        return {"records_read": read, "records": selected, "bad_records": bad}
 
 
 # -- projections ---------------------------------------------------------------------------------
@@ -342,6 +357,18 @@ def token_stats(lengths: SampleLengths, config: StatsConfig, dropped_reasons: Co
     }
 
 
+def source_lengths(lengths: SampleLengths, config: StatsConfig) -> dict:
+    """One source's share: its samples' characters, and with a tokenizer their tokens and what
+    a build at ``--seq-length`` does to them (to plan a mixture before building)."""
+    out = {"samples": len(lengths.group), "chars": percentiles(lengths.chars)}
+    if config.template.tokenizer:
+        S, safe = config.template.seq_length, config.template.trainer_safe
+        out.update({"tokens": percentiles(lengths.tokens),
+                    "tokens_written": int(lengths.written_at(S, S, safe).sum(dtype=np.int64)),
+                    "at_seq_length": at_length(lengths, S, S, safe)})
+    return out
+
+
 # -- the job -------------------------------------------------------------------------------------
 
 def run(config: StatsConfig) -> dict:
@@ -356,9 +383,10 @@ def run(config: StatsConfig) -> dict:
                 os.remove(os.path.join(out_dir, name))
     pipeline.ensure_ray(config.run.verbose)
     plan = pipeline.read_plan(config, files)
+    sources = pipeline.source_list(config)
     collector = Collector([f.url for f in files], config.source.on_error,
                           os.path.join(out_dir, BAD_RECORDS) if out_dir else None,
-                          [r.file for r in plan])
+                          plan, len(sources))
     columns = SCHEMA.names
     for batch in lengths_dataset(config, plan).iter_batches(batch_size=None,
                                                              batch_format="pyarrow"):
@@ -375,6 +403,9 @@ def run(config: StatsConfig) -> dict:
     }
     if config.template.tokenizer:
         stats.update(token_stats(lengths, config, collector.dropped_reasons))
+    stats["sources"] = [{"source": s.spec, **collector.source_counts(k),
+                         **source_lengths(lengths.of_source(k), config)}
+                        for k, s in enumerate(sources)]
     if out_dir:
         plot = bool(config.template.tokenizer)
         if plot and not _have_matplotlib():
@@ -450,6 +481,8 @@ def summary_text(stats: dict) -> str:
         lines.append(f"recommended S: {best:,}" if best else
                      f"recommended S: none of the ladder keeps {WHOLE_TARGET:.0%} whole "
                      f"(longest sample {stats['tokens']['total'].get('max', 0):,} tokens)")
+    if len(stats.get("sources", [])) > 1:
+        lines += ["", _source_table(stats)]
     for path in stats.get("files", []):
         lines.append(f"wrote {path}")
     lines += [f"note: {note}" for note in stats.get("notes", [])]
@@ -481,6 +514,32 @@ def _ladder_table(stats: dict) -> str:
     out.append(f"(< your --seq-length; * your --packing; eff = non-pad tokens / (docs * S); "
                f"bfd window {stats['packing_window']:,})")
     return "\n".join(out)
+
+
+def _source_table(stats: dict) -> str:
+    """Per source: records read and selected, samples, and with a tokenizer their tokens and
+    what ``--seq-length`` drops and cuts."""
+    tokens = "tokens" in stats
+    head = f"{'source':<32} {'read':>9} {'selected':>9} {'samples':>9} {'bad':>6}"
+    if tokens:
+        head += f" {'tokens':>12} {'p50':>7} {'p99':>7} {'max':>7} {'dropped':>8} {'cut':>7}"
+    out = [head]
+    for s in stats["sources"]:
+        row = (f"{_short(s['source'], 32):<32} {s['records_read']:>9,} {s['records']:>9,} "
+               f"{s['samples']:>9,} {s['bad_records']:>6,}")
+        if tokens:
+            t, at = s.get("tokens") or {}, s["at_seq_length"]
+            row += (f" {s['tokens_written']:>12,} {t.get('p50', 0):>7,.0f} {t.get('p99', 0):>7,.0f}"
+                    f" {t.get('max', 0):>7,} {at['dropped']:>8,} {at['truncated']:>7,}")
+        out.append(row)
+    if tokens:
+        out.append(f"(tokens: written at S = {stats['seq_length']:,}; p50/p99/max: tokens per "
+                   "sample before any cut)")
+    return "\n".join(out)
+
+
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else "…" + text[-(width - 1):]
 
 
 def _reasons(by: dict) -> str:

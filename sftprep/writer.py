@@ -36,9 +36,9 @@ import pyarrow.compute as pc
 
 from sftprep import idxmap, trainer
 from sftprep.packing import BestFitPacker, Document, Piece, make_packer
-from sftprep.shards import TASK_COLUMN, task_reach
+from sftprep.shards import TASK_COLUMN, assemble_manifest, derive_figures, merge_figures, task_reach
 from sftprep.sink import MultipartSink, upload_file
-from sftprep.sources import Origins, describe
+from sftprep.sources import Origins, ReadRange, describe
 from sftprep.storage import filesystem, is_remote
 from sftprep.tokenize import CUT_ID_0, CUT_PAD_SLOT, DROPPED, END, OK, REJECTED, TRAINER_CUT
 
@@ -54,20 +54,87 @@ class BadRecordError(ValueError):
     """A bad input record under ``--on-error fail``; names the file, line and what is wrong."""
 
 
+class Reports:
+    """The one rule for records not written (the build's rejects file, the stats job's bad
+    records): a rejected record stops the run under ``fail``, naming its file and line; else it
+    is listed, one JSON line, in ``path`` (opened when the first arrives)."""
+
+    def __init__(self, path: str | None, on_error: str, fix: str):
+        """``path`` None: nothing is listed. ``fix``: what the error message suggests besides
+        fixing the record."""
+        self.path, self.on_error, self.fix = path, on_error, fix
+        self._file = None
+
+    def add(self, entry: dict) -> None:
+        """``entry``: the record's place (``Origins.locate``), ``status``, ``reason``, ``detail``
+        and anything more to list."""
+        if entry.get("status", REJECTED) == REJECTED and self.on_error == "fail":
+            raise BadRecordError(f"{describe(entry)}: {entry['reason']}: {entry['detail']}\n"
+                                 f"(fix the record, or run with --on-error skip {self.fix})")
+        if self.path is None:
+            return
+        if self._file is None:
+            self._file = open(self.path, "w", encoding="utf-8")
+        self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+
+    @property
+    def written(self) -> bool:
+        return self._file is not None
+
+    def close(self) -> None:
+        if self._file is not None and not self._file.closed:
+            self._file.close()
+
+
+def source_figures(c: Counter, reasons: dict[str, Counter]) -> dict:
+    """The figures the writer counts, from one source's counters (the summary's totals are
+    these summed over sources, ``shards.merge_figures``): a new counter added here is reported
+    per source and in total alike."""
+    return {
+        "records_read": c["records_read"],
+        "records": c["records"],
+        "samples_in": c["samples"] + c[DROPPED],
+        "samples_written": c["samples"],
+        "rejected_records": c[REJECTED],
+        "rejected_by_reason": dict(sorted(reasons[REJECTED].items())),
+        "dropped_samples": c[DROPPED],
+        "dropped_by_reason": dict(sorted(reasons[DROPPED].items())),
+        "truncated_samples": c["truncated"],
+        "tokens_cut": c["tokens_cut"],
+        "trainer_cut_samples": c[TRAINER_CUT],
+        "trainer_tokens_cut": c["trainer_tokens_cut"],
+        "trainer_cut_by_reason": dict(sorted(reasons[TRAINER_CUT].items())),
+        "tokens": c["tokens"],
+        "trained_tokens": c["trained"],
+    }
+
+
 class SFTWriter:
     def __init__(self, document_prefix: str, files: list[str], seq_length: int, pad_id: int,
                  packing: str = "none", pack_window: int = 2000, on_error: str = "fail",
                  storage_options: dict | None = None, spill_dir: str | None = None,
-                 vocab_size: int | None = None, read_tasks: list[int] | None = None,
-                 trainer_safe: bool = False, owns: tuple[int, int] | None = None):
-        """``read_tasks``: the file index of every read task (default: one task per file).
+                 vocab_size: int | None = None, plan: list[ReadRange] | None = None,
+                 trainer_safe: bool = False, owns: tuple[int, int] | None = None,
+                 sources: list[str] | None = None):
+        """``plan``: every read task (default: one task per file, all of it, source 0).
         ``owns``: the first and last read task of this shard's rows (``shards``; None: all);
-        the end rows of its first file's earlier tasks are kept too (true line numbers)."""
+        the end rows of its first file's earlier tasks are kept too (true line numbers).
+        ``sources``: how each source is named in the summary."""
         self.prefix = document_prefix
-        task_files = list(range(len(files))) if read_tasks is None else read_tasks
+        plan = plan or [ReadRange(i, url) for i, url in enumerate(files)]
+        task_files = [r.pass_key for r in plan]
         self.owns = owns
         self.reach = task_reach(task_files, [owns])[0] if owns else None
         self.origins = Origins(files, task_files, self.reach)
+        self.task_source = [r.source for r in plan]
+        # The identity of a record, the same for all its copies (``packing.Piece.record``): the
+        # file (by URL, whichever source named it), the range it was read in and its place there.
+        urls = {url: k for k, url in enumerate(dict.fromkeys(files))}
+        self.task_record = [(urls[files[r.file]], r.start) for r in plan]
+        lo, hi = owns or (0, len(plan) - 1)
+        self.partial_reads = [(r.source, r.select.count) for r in plan[lo:hi + 1] if r.select]
+        self.whole = [r.select is None for r in plan]
+        self.sources = sources or ["input"]
         self.S = seq_length
         self.pad_id = pad_id
         self.vocab_size = vocab_size
@@ -80,6 +147,7 @@ class SFTWriter:
         # (memory: one window of lengths): the summary's advice when most slots are padding.
         self._bfd = BestFitPacker(seq_length, pack_window) if packing == "none" else None
         self.bfd_documents = 0
+        self.written_tokens = 0
         self.remote = is_remote(document_prefix)
         run = uuid.uuid4().hex[:8]
         if self.remote:
@@ -92,15 +160,20 @@ class SFTWriter:
         self.tmp = f"{self.local}.tmp-{run}"
         self._bin = (MultipartSink(document_prefix + ".bin", storage_options, self._spill)
                      if self.remote else open(self.tmp + ".bin", "wb"))
-        self._rejects = None
+        self._rejects = Reports(self.tmp + REJECTS, on_error,
+                                f"to write the good records and list the bad ones in "
+                                f"{os.path.basename(document_prefix)}{REJECTS}")
         self.index = idxmap.IndexedWriter(self._bin)
         self._last_key = (-1, -1, -1, -1)
         self._group_key: tuple[int, int, int] | None = None
         self._group: list[Piece] = []
         self._pending_docs: list[Document] = []
-        self.c = Counter()
-        self.reasons: dict[str, Counter] = {REJECTED: Counter(), DROPPED: Counter(),
-                                            TRAINER_CUT: Counter()}
+        # Every counter is kept per source: ``self.c`` and ``self.reasons`` are the current
+        # row's source's (``_use_source``).
+        self.counts = [Counter() for _ in self.sources]
+        self.by_reason = [{REJECTED: Counter(), DROPPED: Counter(), TRAINER_CUT: Counter()}
+                          for _ in self.sources]
+        self._use_source(0)
         self.max_samples_per_doc = 0
         self.checked = {"samples": 0, "tokens": 0, "pad": 0}  # what check_rows saw
         self._rows = np.empty((0, 2 * seq_length), dtype=np.int32)  # reused: no page faults
@@ -108,6 +181,9 @@ class SFTWriter:
         self.write_seconds = 0.0
 
     # -- consuming ---------------------------------------------------------------------------
+
+    def _use_source(self, source: int) -> None:
+        self.c, self.reasons = self.counts[source], self.by_reason[source]
 
     def consume(self, table: pa.Table) -> dict:
         """Take one block of the tokenizer stage's output (rows in input order)."""
@@ -123,6 +199,8 @@ class SFTWriter:
         ids_values = ids_col.values.to_numpy()
         labels_values = labels_col.values.to_numpy()
         offsets = ids_col.offsets.to_numpy()
+        trained = np.concatenate([[0], np.cumsum(labels_values != idxmap.IGNORE_INDEX)])
+        trained = trained[offsets[1:]] - trained[offsets[:-1]]
         cols = {n: table[n].to_pylist() for n in ("task", "file", "line", "element", "sample",
                                                   "status", "reason", "detail", "text", "tokens")}
         for i in range(table.num_rows):
@@ -139,10 +217,15 @@ class SFTWriter:
             if key[:3] != self._group_key:
                 self._close_group()
                 self._group_key = key[:3]
+                self._use_source(self.task_source[key[0]])
                 self.c["records"] += 1
+                self.c["records_read"] += self.whole[key[0]]
             if status == OK:
                 a, b = offsets[i], offsets[i + 1]
-                self._group.append(Piece(int(b - a), (ids_values[a:b], labels_values[a:b])))
+                self._group.append(Piece(
+                    int(b - a), (ids_values[a:b], labels_values[a:b], self.task_source[key[0]],
+                                 int(trained[i])),
+                    (*self.task_record[key[0]], key[1], key[2])))
                 self.c["samples"] += 1
                 self.c["truncated"] += cols["tokens"][i] > self.S
                 self.c["tokens_cut"] += max(0, cols["tokens"][i] - self.S)
@@ -156,32 +239,22 @@ class SFTWriter:
 
     def _problem(self, status: str, row: dict) -> None:
         where = self.origins.locate(row["file"], row["line"], row["element"])
-        if status == REJECTED and self.on_error == "fail":
-            raise BadRecordError(
-                f"{describe(where)}: {row['reason']}: {row['detail']}\n(fix the record, or run "
-                f"with --on-error skip to write the good records and list the bad ones in "
-                f"{os.path.basename(self.prefix)}{REJECTS})")
-        self.c[status] += 1
-        self.reasons[status][row["reason"]] += 1
         entry = {**where, "status": status, "reason": row["reason"], "detail": row["detail"],
                  "text": row["text"]}
         if row["sample"] >= 0:
             entry["sample"] = row["sample"]
-        self._report(entry)
+        self._rejects.add(entry)
+        self.c[status] += 1
+        self.reasons[status][row["reason"]] += 1
 
     def _trainer_cut(self, row: dict, kept: int) -> None:
         """A sample ``template.trainer_safe`` cut shorter: counted and listed with the rejects."""
         self.c[TRAINER_CUT] += 1
         self.c["trainer_tokens_cut"] += min(row["tokens"], self.S) - kept
         self.reasons[TRAINER_CUT].update(w for w in (CUT_PAD_SLOT, CUT_ID_0) if w in row["reason"])
-        self._report({**self.origins.locate(row["file"], row["line"], row["element"]),
-                      "sample": row["sample"], "status": "cut", "reason": row["reason"],
-                      "detail": row["detail"]})
-
-    def _report(self, entry: dict) -> None:
-        if self._rejects is None:
-            self._rejects = open(self.tmp + REJECTS, "w", encoding="utf-8")
-        self._rejects.write(json.dumps(entry, ensure_ascii=False) + "\n")
+        self._rejects.add({**self.origins.locate(row["file"], row["line"], row["element"]),
+                           "sample": row["sample"], "status": "cut", "reason": row["reason"],
+                           "detail": row["detail"]})
 
     def _close_group(self) -> None:
         if self._group:
@@ -204,12 +277,13 @@ class SFTWriter:
         for r, doc in enumerate(docs):
             at = 0
             for piece in doc:
-                ids, labels = piece.payload
+                ids, labels, source, trained = piece.payload
                 rows[r, at:at + piece.length] = ids
                 rows[r, S + at:S + at + piece.length] = labels
                 at += piece.length
-            self.c["tokens"] += at
-            self.c["trained"] += int(np.count_nonzero(rows[r, S:S + at] != idxmap.IGNORE_INDEX))
+                self.counts[source]["tokens"] += piece.length
+                self.counts[source]["trained"] += trained
+            self.written_tokens += at
             self.max_samples_per_doc = max(self.max_samples_per_doc, len(doc))
         idxmap.check_rows(self.index.documents, rows, S, self.pad_id, self.vocab_size,
                           self.checked)
@@ -220,17 +294,18 @@ class SFTWriter:
         self.index.add_documents(rows)
 
     def progress(self) -> dict:
-        return {"records": self.c["records"], "samples": self.c["samples"],
-                "documents": self.index.documents, "tokens": self.c["tokens"]}
+        return {"records": sum(c["records"] for c in self.counts),
+                "samples": sum(c["samples"] for c in self.counts),
+                "documents": self.index.documents, "tokens": self.written_tokens}
 
     # -- finishing ---------------------------------------------------------------------------
 
     def finish(self, manifest_extra: dict[str, Any]) -> dict:
-        """Flush, write the index, verify, publish atomically; return the manifest."""
+        """Flush, write the index, verify, publish atomically; return the manifest (the
+        pipeline's own, ``shards.assemble_manifest``, for a writer used alone)."""
         summary = self.seal(manifest_extra.get("elapsed_seconds"))
-        manifest = {**manifest_extra, "summary": summary, "verified": True,
-                    "trainer": trainer.section(self.trainer, self.S, self.prefix),
-                    "files": self.outputs()}
+        manifest = assemble_manifest(manifest_extra, [summary], [self.trainer], [self.prefix],
+                                     [self.outputs()], self.S, self.prefix)
         with open(self.tmp + MANIFEST, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, ensure_ascii=False)
         self.publish()
@@ -251,8 +326,9 @@ class SFTWriter:
             self._bin.close()
         with open(self.tmp + ".idx", "wb") as f:
             self.index.write_index(f)
-        if self._rejects:
-            self._rejects.close()
+        self._rejects.close()
+        for source, count in self.partial_reads:  # the records a selection passed over
+            self.counts[source]["records_read"] += count
         self.write_seconds += time.perf_counter() - t0
         idxmap.check_index(idxmap.read_index(self.tmp + ".idx"), bin_bytes, self.S)
         summary = self.summary()
@@ -271,45 +347,29 @@ class SFTWriter:
 
     def outputs(self) -> dict[str, str]:
         files = {s.lstrip("."): self.prefix + s for s in SUFFIXES}
-        if self._rejects:
+        if self._rejects.written:
             files["rejects"] = self.prefix + REJECTS
         return files
 
     def summary(self) -> dict:
-        docs, S = self.index.documents, self.S
-        slots = docs * S
-        return {
-            "records": self.c["records"],
-            "samples_in": self.c["samples"] + self.c[DROPPED],
-            "samples_written": self.c["samples"],
-            "rejected_records": self.c[REJECTED],
-            "rejected_by_reason": dict(sorted(self.reasons[REJECTED].items())),
-            "dropped_samples": self.c[DROPPED],
-            "dropped_by_reason": dict(sorted(self.reasons[DROPPED].items())),
-            "truncated_samples": self.c["truncated"],
-            "tokens_cut": self.c["tokens_cut"],
+        """The counted figures in total and per source (``sources``), the documents' figures,
+        and the ratios ``shards.derive_figures`` computes from them."""
+        per_source = [source_figures(c, r) for c, r in zip(self.counts, self.by_reason)]
+        return derive_figures({
+            **merge_figures(per_source),
             "trainer_safe": self.trainer_safe,
-            "trainer_cut_samples": self.c[TRAINER_CUT],
-            "trainer_tokens_cut": self.c["trainer_tokens_cut"],
-            "trainer_cut_by_reason": dict(sorted(self.reasons[TRAINER_CUT].items())),
-            "documents": docs,
-            "seq_length": S,
-            "tokens": self.c["tokens"],
-            "trained_tokens": self.c["trained"],
-            "pad_fraction": round(1 - self.c["tokens"] / slots, 6) if slots else 0.0,
-            "packing_efficiency": round(self.c["tokens"] / slots, 6) if slots else 0.0,
-            "samples_per_document_mean": round(self.c["samples"] / docs, 3) if docs else 0.0,
+            "documents": self.index.documents,
+            "seq_length": self.S,
             "samples_per_document_max": self.max_samples_per_doc,
             "writer_seconds": round(self.write_seconds, 3),
-            "writer_tokens_per_second": round(self.c["tokens"] / self.write_seconds)
-            if self.write_seconds else None,
             **({"bfd_documents": self.bfd_documents} if self._bfd is not None else {}),
-        }
+            "sources": [{"source": name, **f} for name, f in zip(self.sources, per_source)],
+        })
 
     def publish(self) -> None:
         """Give the sealed files their final names: .bin, .idx, rejects, the manifest (if
         written) last, after removing the old output's files in ``STALE_ORDER``."""
-        names = list(SUFFIXES) + ([REJECTS] if self._rejects else [])
+        names = list(SUFFIXES) + ([REJECTS] if self._rejects.written else [])
         names += [MANIFEST] if os.path.exists(self.tmp + MANIFEST) else []
         remove_stale(self.prefix, self.storage_options)
         if not self.remote:
@@ -341,9 +401,9 @@ class SFTWriter:
         leaves nothing that looks like output."""
         if self.remote:
             self._bin.abort()
-        for f in (self._bin, self._rejects):
-            if f is not None and not f.closed:
-                f.close()
+        if not self._bin.closed:
+            self._bin.close()
+        self._rejects.close()
         remove_temporary(self.temporary_paths())
 
     def leftovers(self) -> tuple[int, list[str]]:

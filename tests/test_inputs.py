@@ -166,7 +166,7 @@ def write_split(stage, path: str, split: int, out: str, packing: str,
     plan = plan_reads([InputFile(path, os.path.getsize(path))], split)
     pad_id = stage.hf.tok.token_to_id(stage.setup.special_tokens_map["pad_token"])
     writer = SFTWriter(out, [path], S, pad_id, packing, 8, on_error,
-                       read_tasks=[r.file for r in plan])
+                       plan=plan)
     try:
         for task, r in enumerate(plan):
             for block in read_range(r, task, None, block_records=4):

@@ -101,7 +101,7 @@ def test_a_shard_starting_inside_a_split_file_names_true_lines(tmp_path):
     """Read tasks 0 and 1 split one file; the shard owning task 1 still reports a bad record by
     its line in the file, from task 0's end row (the only row of task 0 it keeps)."""
     from sftprep.writer import SFTWriter
-    from test_writer import PAD, S, end, sample, table
+    from test_writer import PAD, S, end, sample, table, tasks
 
     assert task_reach([0, 0, 0, 1, 1], [(0, 1), (2, 3), (4, 4), (0, -1)]) == \
         [(0, 1), (0, 3), (3, 4), (0, -1)]
@@ -115,7 +115,7 @@ def test_a_shard_starting_inside_a_split_file_names_true_lines(tmp_path):
     rows[5] = {"task": 1, "file": 0, "line": 2, "status": "rejected", "reason": "bad json",
                "detail": "x", "text": "{"}
     w = SFTWriter(str(tmp_path / "s_1_text_document"), ["data.jsonl"], S, PAD,
-                  on_error="skip", read_tasks=[0, 0], owns=(1, 1))
+                  on_error="skip", plan=tasks(0, 0), owns=(1, 1))
     w.consume(table(rows))
     summary = w.finish({})["summary"]
     assert summary["samples_written"] == 1 and summary["rejected_records"] == 1

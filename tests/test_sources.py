@@ -82,10 +82,13 @@ def test_expand_inputs_files_dirs_globs(tmp_path):
         (tmp_path / name).write_text("{}\n")
     with gzip.open(tmp_path / "d" / "z.jsonl.gz", "wt") as f:
         f.write('{"x": 1}\n')
-    got = [f.url for f in expand_inputs([str(tmp_path / "d"), str(tmp_path / "*.jsonl"),
-                                         str(tmp_path / "d" / "*"), str(tmp_path / "e.jsonl")])]
-    assert got == sorted(str(tmp_path / n) for n in ("d/a.jsonl", "d/sub/b.json",
-                                                     "d/z.jsonl.gz", "e.jsonl"))
+    got = [(f.url, f.source) for f in expand_inputs(
+        [str(tmp_path / "d"), str(tmp_path / "*.jsonl"), str(tmp_path / "d" / "*"),
+         str(tmp_path / "e.jsonl")])]
+    # every input is a source: a file named by two is read for each, in URL order
+    assert got == [(str(tmp_path / n), k) for n, k in (
+        ("d/a.jsonl", 0), ("d/a.jsonl", 2), ("d/sub/b.json", 0), ("d/z.jsonl.gz", 0),
+        ("d/z.jsonl.gz", 2), ("e.jsonl", 1), ("e.jsonl", 3))]
     with pytest.raises(InputError, match="does not exist"):
         expand_inputs([str(tmp_path / "missing.jsonl")])
     with pytest.raises(InputError, match="matched no"):

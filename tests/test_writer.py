@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from sftprep.idxmap import IndexedReader, LayoutError, check_sft_layout
 from sftprep.packing import MODES
+from sftprep.sources import ReadRange
 from sftprep.tokenize import SCHEMA
 from sftprep.writer import BadRecordError, SFTWriter
 
@@ -41,6 +42,11 @@ def table(rows: list[dict]) -> pa.Table:
 
 def writer(tmp_path, **kw) -> SFTWriter:
     return SFTWriter(str(tmp_path / "o_text_document"), ["data.jsonl"], S, PAD, **kw)
+
+
+def tasks(*files: int, urls=("data.jsonl", "data.json")) -> list[ReadRange]:
+    """A read plan whose tasks read ``files`` (indices), whole files or parts."""
+    return [ReadRange(f, urls[f]) for f in files]
 
 
 def end(task: int = 0, lines: int = 0, file: int = 0) -> dict:
@@ -129,7 +135,7 @@ def test_lines_of_a_split_file_are_counted_across_its_read_tasks(tmp_path):
     """Task 1 continues data.jsonl after task 0's 5 lines; task 2 starts data.json; task 3
     continues it, elements of one line named by index."""
     w = SFTWriter(str(tmp_path / "o_text_document"), ["data.jsonl", "data.json"], S, PAD,
-                  on_error="skip", read_tasks=[0, 0, 1, 1])
+                  on_error="skip", plan=tasks(0, 0, 1, 1))
     bad = {"sample": -1, "status": "rejected", "reason": "invalid JSON", "detail": "x", "text": "{"}
     a = sample(5, 1)
     w.consume(table([{"file": 0, "line": 2, "input_ids": a[0], "labels": a[1]}, end(0, 5),
@@ -154,7 +160,7 @@ def test_lines_of_a_split_file_are_counted_across_its_read_tasks(tmp_path):
 ])
 def test_a_read_task_missing_or_out_of_place_is_refused(tmp_path, rows, error):
     w = SFTWriter(str(tmp_path / "o_text_document"), ["data.jsonl"], S, PAD,
-                  read_tasks=[0, 0])
+                  plan=tasks(0, 0))
     ids, labels = sample(5, 1)
     with pytest.raises(RuntimeError, match=error):
         w.consume(table([{"file": 0, "input_ids": ids, "labels": labels, **r} for r in rows]))

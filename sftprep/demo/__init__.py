@@ -23,7 +23,9 @@ def qwen_tokenizer_dir() -> str:
 
 
 def demo_overrides() -> dict:
-    """Config values for ``python jobs/build.py`` run with no arguments."""
-    return {"source.inputs": [ALPACA, CHAT], "template.tokenizer": qwen_tokenizer_dir(),
+    """Config values for ``python jobs/build.py`` run with no arguments: a mixture of 250 of
+    the Alpaca records (sampled) and the chats three times over."""
+    return {"source.inputs": [ALPACA + "#250", {"path": CHAT, "repeat": 3}],
+            "template.tokenizer": qwen_tokenizer_dir(),
             "template.seq_length": 1024, "packing.mode": "bfd",
             "output.prefix": os.path.join("output", "demo"), "output.overwrite": True}
