@@ -86,16 +86,17 @@ def data_path_argument(shards: list[dict]) -> str:
 
 
 _SUMMED = ("records", "samples_in", "samples_written", "rejected_records", "dropped_samples",
-           "truncated_samples", "tokens_cut", "trainer_cut_samples", "trainer_tokens_cut",
            "documents", "tokens", "trained_tokens")
 
 
 def combine_summaries(summaries: list[dict], elapsed: float | None) -> dict:
     """One summary for the whole output from the shards' (counts add up; ratios recomputed)."""
+    from sftprep.writer import FIGURES  # the writer imports this module
+
     out = dict(summaries[0])
-    for key in _SUMMED:
+    for key in _SUMMED + FIGURES:
         out[key] = sum(s[key] for s in summaries)
-    for key in ("rejected_by_reason", "dropped_by_reason", "trainer_cut_by_reason"):
+    for key in ("rejected_by_reason", "dropped_by_reason"):
         total = sum((Counter(s[key]) for s in summaries), Counter())
         out[key] = dict(sorted(total.items()))
     if "bfd_documents" in out:  # each shard packs its own samples: the sum of theirs
