@@ -246,3 +246,14 @@ def test_split_samples_render_the_same_traced_and_with_jinja(qwen):
             k = next(k for k in range(1, len(conv.messages) + 1)
                      if qwen.apply_chat_template(conv.messages[:k], tokenize=False) == r.text)
             assert conv.messages[k - 1]["role"] == "assistant"
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("template.overlong", "cut", "--overlong 'cut': choose truncate or drop"),
+    ("template.reasoning_turns", "all", "--reasoning-turns 'all': choose keep or split")])
+def test_bad_values_name_the_option(key, value, message):
+    from sftprep.config import BuildConfig, ConfigError, load, validate
+    config = load(BuildConfig, overrides={"source.inputs": [ALPACA], key: value,
+                                          "output.prefix": "out/x"})
+    with pytest.raises(ConfigError, match=message):
+        validate(config, need_tokenizer=False)
