@@ -83,6 +83,14 @@ class TemplateConfig:
                              "tokens, never ending on id 0 (docs/trainer.md); off reproduces the "
                              "reference tool, including rows packed training cannot read",
                              "--trainer-safe")
+    overlong: str = opt("truncate", "a sample longer than a document holds (S, or S-1 with "
+                        "--trainer-safe): truncate (cut it, the reference's rule) or drop (leave "
+                        "it out, counted and listed in <prefix>.rejects.jsonl)", "--overlong")
+    reasoning_turns: str = opt("keep", "reasoning the chat template leaves out (Qwen3 renders "
+                               "it only after the last user message): keep (render as the "
+                               "template does; counted) or split (each trained turn whose "
+                               "reasoning is left out becomes its own sample, its earlier turns "
+                               "as context)", "--reasoning-turns")
 
 
 @dataclass
@@ -224,6 +232,10 @@ def validate(config: BuildConfig, need_tokenizer: bool = True, need_output: bool
         raise ConfigError(f"--seq-length {tpl.seq_length!r}: must be an integer >= 2")
     if tpl.train_on not in ("all", "last"):
         raise ConfigError(f"--train-on {tpl.train_on!r}: choose all or last")
+    if tpl.overlong not in ("truncate", "drop"):
+        raise ConfigError(f"--overlong {tpl.overlong!r}: choose truncate or drop")
+    if tpl.reasoning_turns not in ("keep", "split"):
+        raise ConfigError(f"--reasoning-turns {tpl.reasoning_turns!r}: choose keep or split")
     if tpl.backend not in ("auto", "hf"):
         raise ConfigError(f"--tokenizer-backend {tpl.backend!r}: choose auto or hf")
     if tpl.chat_template and not os.path.isfile(tpl.chat_template):

@@ -171,7 +171,8 @@ def tokenize_spec(config: BuildConfig) -> TokenizeSpec:
                         chat_template=t.chat_template, train_on=t.train_on,
                         train_tool_calls=t.train_tool_calls, format=config.source.format,
                         columns=tuple(sorted(config.source.columns.items())),
-                        trainer_safe=t.trainer_safe, backend=t.backend)
+                        trainer_safe=t.trainer_safe, overlong=t.overlong,
+                        reasoning_turns=t.reasoning_turns, backend=t.backend)
 
 
 def loaded_tokenizer(config: BuildConfig) -> tuple:

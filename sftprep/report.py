@@ -26,11 +26,7 @@ def summary_text(manifest: dict) -> str:
         f"samples written     {_n(s['samples_written'])}",
         f"rejected records    {_n(s['rejected_records'])}" + _reasons(s["rejected_by_reason"]),
         f"dropped samples     {_n(s['dropped_samples'])}" + _reasons(s["dropped_by_reason"]),
-        f"truncated samples   {_n(s['truncated_samples'])} ({_n(s['tokens_cut'])} tokens cut)",
-        "trainer-safe cuts   " + (f"{_n(s['trainer_cut_samples'])} samples "
-                                   f"({_n(s['trainer_tokens_cut'])} tokens cut)"
-                                   + _reasons(s["trainer_cut_by_reason"])
-                                   if s.get("trainer_safe") else "off (reference rows)"),
+        *_cut_lines(s),
         f"documents           {_n(s['documents'])} x 2*{s['seq_length']} int32",
         f"tokens              {_n(s['tokens'])} ({_n(s['trained_tokens'])} trained)",
         f"pad fraction        {s['pad_fraction']:.2%}",
@@ -39,6 +35,8 @@ def summary_text(manifest: dict) -> str:
     ]
     if len(s.get("sources", [])) > 1 or s.get("records_read", s["records"]) != s["records"]:
         lines.append(source_table(s["sources"]))
+    if s.get("reasoning_carried"):
+        lines.append(_reasoning_line(s))
     if s.get("bfd_documents") is not None and s["pad_fraction"] > PAD_ADVICE:
         lines.append(f"advice              {s['pad_fraction']:.0%} of the file is padding: "
                      f"--packing bfd would write {_n(s['bfd_documents'])} documents instead "
@@ -72,7 +70,7 @@ def summary_text(manifest: dict) -> str:
 SOURCE_COLUMNS = (("read", "records_read"), ("selected", "records"),
                   ("samples", "samples_written"), ("tokens", "tokens"),
                   ("trained", "trained_tokens"), ("dropped", "dropped_samples"),
-                  ("cut", "truncated_samples"), ("rejected", "rejected_records"))
+                  ("cut", "cut_samples"), ("rejected", "rejected_records"))
 
 
 def source_table(sources: list[dict]) -> str:
@@ -83,6 +81,37 @@ def source_table(sources: list[dict]) -> str:
         name = s["source"] if len(s["source"]) <= width else "…" + s["source"][1 - width:]
         out.append(f"{name:<{width}}" + "".join(f" {_n(s[key]):>10}" for _, key in SOURCE_COLUMNS))
     return "\n".join(out)
+
+
+def _cut_lines(s: dict) -> list[str]:
+    """What cuts cost, per cut, in samples and tokens lost (each sample is in the rejects file)."""
+    def cost(key: str) -> str:
+        return f"{_n(s[key + '_samples'])} samples lost {_n(s[key + '_tokens_lost'])} tokens"
+
+    truncated = cost("truncated")
+    if s.get("overlong_dropped"):
+        truncated += (f"; {_n(s['overlong_dropped'])} longer samples dropped "
+                      f"({_n(s['overlong_dropped_tokens'])} tokens, --overlong drop)")
+    safe = ("off (reference rows)" if not s.get("trainer_safe") else
+            f"pad slot: {cost('pad_slot')}; ends on id 0: {cost('id_0')}"
+            if s["pad_slot_samples"] or s["id_0_samples"] else "none")
+    lines = [f"truncated at S      {truncated}", f"trainer-safe cuts   {safe}"]
+    if s["cut_samples"]:
+        lines.append(f"tokens lost         {_n(s['tokens_lost'])} in {_n(s['cut_samples'])} "
+                     "cut samples (each in the rejects file with its tokens lost per cut)")
+    return lines
+
+
+def _reasoning_line(s: dict) -> str:
+    """Reasoning texts the chat template left out, and what to do about them."""
+    line = (f"reasoning           {_n(s['reasoning_carried'])} texts, "
+            f"{_n(s['reasoning_not_rendered'])} not in the output")
+    if s.get("reasoning_split"):
+        line += f"; {_n(s['reasoning_split'])} turns trained as their own samples"
+    if s["reasoning_not_rendered"] and not s.get("reasoning_split"):
+        line += ("\n                    the chat template leaves them out (as at inference); "
+                 "--reasoning-turns split trains each such turn as its own sample")
+    return line
 
 
 def _reasons(by: dict) -> str:

@@ -172,20 +172,23 @@ class SampleLengths:
         mine = self.source == k
         return SampleLengths(**{f.name: getattr(self, f.name)[mine] for f in fields(self)})
 
-    def kept_at(self, S: int, seq_length: int, trainer_safe: bool) -> np.ndarray:
+    def kept_at(self, S: int, seq_length: int, trainer_safe: bool,
+                overlong: str = "truncate") -> np.ndarray:
         """Samples a build at ``S`` would keep: the stage's own verdict at the configured length,
         else its rule (a trained token must fall inside the first ``S``, or ``S - 1`` with
-        ``template.trainer_safe``)."""
+        ``template.trainer_safe``; with ``--overlong drop`` the whole sample must)."""
         if S == seq_length:
             return self.ok
         room = S - 1 if trainer_safe else S
-        return (self.prompt < room) & (self.prompt < self.tokens)
+        kept = (self.prompt < room) & (self.prompt < self.tokens)
+        return kept & (self.tokens <= room) if overlong == "drop" else kept
 
-    def written_at(self, S: int, seq_length: int, trainer_safe: bool) -> np.ndarray:
+    def written_at(self, S: int, seq_length: int, trainer_safe: bool,
+                   overlong: str = "truncate") -> np.ndarray:
         """Tokens each kept sample fills at ``S``: what the stage wrote at the configured length,
         else the cut at ``S`` (``S - 1`` with ``trainer_safe``; its rarer cut of a trailing id 0
         needs the tokens, so other lengths may be off by those)."""
-        kept = self.kept_at(S, seq_length, trainer_safe)
+        kept = self.kept_at(S, seq_length, trainer_safe, overlong)
         if S == seq_length:
             return self.written[kept]
         return np.minimum(self.tokens[kept], S - 1 if trainer_safe else S)
@@ -278,11 +281,11 @@ class Collector:
 # -- projections ---------------------------------------------------------------------------------
 
 def project(lengths: SampleLengths, S: int, mode: str, window: int, seq_length: int,
-            trainer_safe: bool) -> dict:
+            trainer_safe: bool, overlong: str = "truncate") -> dict:
     """Documents and efficiency of a build at ``S``: the build's packer over the kept lengths
     (cut as the build cuts them), one group per input line, in input order."""
-    kept = lengths.kept_at(S, seq_length, trainer_safe)
-    pieces = lengths.written_at(S, seq_length, trainer_safe)
+    kept = lengths.kept_at(S, seq_length, trainer_safe, overlong)
+    pieces = lengths.written_at(S, seq_length, trainer_safe, overlong)
     groups = lengths.group[kept]
     bounds = np.concatenate([[0], np.flatnonzero(np.diff(groups)) + 1, [len(groups)]])
     packer = make_packer(mode, S, window)
@@ -299,9 +302,10 @@ def project(lengths: SampleLengths, S: int, mode: str, window: int, seq_length: 
 _project_task = ray.remote(num_cpus=1)(project)
 
 
-def at_length(lengths: SampleLengths, S: int, seq_length: int, trainer_safe: bool) -> dict:
+def at_length(lengths: SampleLengths, S: int, seq_length: int, trainer_safe: bool,
+              overlong: str = "truncate") -> dict:
     """What a build at ``S`` does to the samples: dropped, truncated (longer than ``S``), whole."""
-    kept = lengths.kept_at(S, seq_length, trainer_safe)
+    kept = lengths.kept_at(S, seq_length, trainer_safe, overlong)
     cut = kept & (lengths.tokens > S)
     n = len(kept)
     whole = int(np.count_nonzero(kept & ~cut))
@@ -332,11 +336,11 @@ def token_stats(lengths: SampleLengths, config: StatsConfig, dropped_reasons: Co
     S, window = config.template.seq_length, config.packing.window
     ladder = sorted(set(config.output.ladder) | {S})
     ref = ray.put(lengths)
-    safe = config.template.trainer_safe
-    jobs = {(L, m): _project_task.remote(ref, L, m, window, S, safe) for L in ladder
+    rule = config.template.trainer_safe, config.template.overlong
+    jobs = {(L, m): _project_task.remote(ref, L, m, window, S, *rule) for L in ladder
             for m in MODES}
     packed = {key: ray.get(job) for key, job in jobs.items()}
-    rows = [{**at_length(lengths, L, S, safe), "packing": {m: packed[L, m] for m in MODES}}
+    rows = [{**at_length(lengths, L, S, *rule), "packing": {m: packed[L, m] for m in MODES}}
             for L in ladder]
     good = [r["seq_length"] for r in rows if r["samples"] and r["whole_fraction"] >= WHOLE_TARGET]
     prompt, total = lengths.prompt, lengths.tokens

@@ -11,6 +11,13 @@ empty ``<think>`` block to the final assistant turn and strips reasoning from ea
 prefix render is not always a prefix of the full text. Then the boundary is found where the two
 agree again: after the longest tail of the prefix render that continues the full text at the
 point they diverged. If no such point exists the conversation is rejected rather than mislabeled.
+
+Reasoning (``reasoning_content``, ``<think>`` blocks in assistant content) is counted by the same
+renders: a text is kept when its turn's rendered text holds it. Templates that keep reasoning only
+after the last user message (Qwen3) leave the earlier turns' out, as at inference; with
+``reasoning_turns: split`` such a turn becomes its own sample (the conversation up to it, as the
+template renders history, and the turn itself trained, rendered as the last one). Decided by
+rendering, so any template works.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -96,22 +105,27 @@ def tokenizer_fingerprint(path: str, tok) -> str:
 
 @dataclass
 class Rendered:
-    """A conversation's full text and the character spans whose tokens are trained."""
+    """A sample's full text and the character spans whose tokens are trained."""
 
     text: str
     trained: list[tuple[int, int]]
     chars: int  # of the conversation's message contents, for the statistics
+    # Reasoning texts this sample accounts for: (carried, not in its rendered turn, split off
+    # into this sample as its own); () when it carries none.
+    reasoning: tuple = ()
 
 
 class ChatRenderer:
     """Renders conversations and finds the character span of every trained assistant turn."""
 
     def __init__(self, tokenizer, train_on: str = "all", train_tool_calls: bool = True,
-                 traced: bool = True):
+                 traced: bool = True, reasoning_turns: str = "keep"):
         """``traced``: render through ``trace.TracedTemplate`` (the same text, faster), else
-        always through Jinja (the reference ``--tokenizer-backend hf`` keeps)."""
+        always through Jinja (the reference ``--tokenizer-backend hf`` keeps).
+        ``reasoning_turns``: keep (the template's rendering) or split (``samples``)."""
         self.train_on = train_on
         self.train_tool_calls = train_tool_calls
+        self.reasoning_turns = reasoning_turns
         self._template = _compile(tokenizer.chat_template)
         self._context = dict(tokenizer.special_tokens_map)  # what apply_chat_template passes
         self.traced = None
@@ -139,24 +153,47 @@ class ChatRenderer:
             raise TemplateError(f"the chat template failed: {type(e).__name__}: {e}") from None
 
     def __call__(self, conv: Conversation, traced: bool = True) -> Rendered:
+        """The conversation as one sample, as the template renders it."""
+        return self._samples(conv, traced, split=False)[0]
+
+    def samples(self, conv: Conversation, traced: bool = True) -> list[Rendered]:
+        """The samples a conversation becomes: one, or with ``reasoning_turns: split`` first
+        one per trained assistant turn whose reasoning the full rendering leaves out (the
+        conversation up to that turn, only that turn trained), then the full conversation
+        training the other turns (left out when none is left)."""
+        return self._samples(conv, traced, split=self.reasoning_turns == "split")
+
+    def _samples(self, conv: Conversation, traced: bool, split: bool) -> list[Rendered]:
         msgs = conv.messages
-        full = self.render(msgs, conv.tools, traced)
+        r = _Renders(self, conv, traced)
         turns = [i for i, m in enumerate(msgs) if m["role"] == "assistant"]
         if self.train_on == "last":
             turns = turns[-1:]
         if not self.train_tool_calls:
             turns = [i for i in turns if not msgs[i].get("tool_calls")]
-        bounds: dict[int, int] = {0: 0, len(msgs): len(full)}
-        spans = []
-        for i in turns:
-            for k in (i, i + 1):
-                if k not in bounds:
-                    bounds[k] = self._boundary(full, self.render(msgs[:k], conv.tools, traced),
-                                               k)
-            if bounds[i + 1] < bounds[i]:
-                raise TemplateError(f"turn {i} ends before it starts in the rendered text")
-            spans.append((bounds[i], bounds[i + 1]))
-        return Rendered(full, spans, conv.chars)
+        spans = {i: r.span(i) for i in turns}
+        # Decided by rendering: a reasoning text is kept if its turn's rendered text holds it.
+        texts = {i: t for i, m in enumerate(msgs) if (t := reasoning_texts(m))}
+        missing = {i: _missing(t, r.turn_text(i)) for i, t in texts.items()}
+        alone = []  # (turn, its own sample)
+        for i in turns if split else ():
+            if missing.get(i):
+                start, text = r.alone(i)
+                left = _missing(texts[i], text[start:])
+                if left < missing[i]:
+                    alone.append((i, Rendered(text, [(start, len(text))],
+                                              Conversation(msgs[:i + 1]).chars,
+                                              (len(texts[i]), left, 1))))
+        done = {i for i, _ in alone}
+        rest = [i for i in texts if i not in done]
+        counts = (sum(len(texts[i]) for i in rest), sum(missing[i] for i in rest), 0)
+        samples = [s for _, s in alone]
+        trained = [spans[i] for i in turns if i not in done]
+        if samples and not trained:  # every trained turn has its own sample
+            last = samples[-1]
+            last.reasoning = tuple(a + b for a, b in zip(last.reasoning, counts))
+            return samples
+        return samples + [Rendered(r.full, trained, conv.chars, counts if rest else ())]
 
     @staticmethod
     def _boundary(full: str, prefix: str, k: int) -> int:
@@ -171,6 +208,71 @@ class ChatRenderer:
         raise TemplateError(f"the chat template renders message {k - 1} differently in context "
                             "and the two renderings never agree again; the loss mask cannot be "
                             "placed (give a --chat-template whose turns render independently)")
+
+
+class _Renders:
+    """One conversation's renders: the full text, and each prefix's when asked (once)."""
+
+    def __init__(self, renderer: ChatRenderer, conv: Conversation, traced: bool):
+        self.renderer, self.conv, self.traced = renderer, conv, traced
+        n = len(conv.messages)
+        self.full = renderer.render(conv.messages, conv.tools, traced)
+        self.texts = {n: self.full}
+        self.bounds = {0: 0, n: len(self.full)}
+
+    def text(self, k: int) -> str:
+        """The rendering of the first ``k`` messages."""
+        if k not in self.texts:
+            self.texts[k] = self.renderer.render(self.conv.messages[:k], self.conv.tools,
+                                                 self.traced)
+        return self.texts[k]
+
+    def bound(self, k: int) -> int:
+        """Where the first ``k`` messages end inside the full text."""
+        if k not in self.bounds:
+            self.bounds[k] = ChatRenderer._boundary(self.full, self.text(k), k)
+        return self.bounds[k]
+
+    def span(self, i: int) -> tuple[int, int]:
+        """Message ``i``'s characters in the full text."""
+        a, b = self.bound(i), self.bound(i + 1)
+        if b < a:
+            raise TemplateError(f"turn {i} ends before it starts in the rendered text")
+        return a, b
+
+    def turn_text(self, i: int) -> str:
+        """Message ``i`` as the full text renders it (the whole text where a turn the loss mask
+        does not need cannot be placed)."""
+        try:
+            a, b = self.span(i)
+        except TemplateError:
+            return self.full
+        return self.full[a:b]
+
+    def alone(self, i: int) -> tuple[int, str]:
+        """The conversation up to message ``i`` rendered on its own, and where message ``i``
+        starts in it."""
+        text = self.text(i + 1)
+        return (ChatRenderer._boundary(text, self.text(i), i) if i else 0), text
+
+
+_THINK = re.compile(r"<think>(.*?)</think>", re.S)
+
+
+def reasoning_texts(message: dict) -> list[str]:
+    """The reasoning an assistant message carries: its ``reasoning_content`` and every
+    ``<think>...</think>`` block of its content, stripped (an empty one carries none)."""
+    if message["role"] != "assistant":
+        return []
+    texts = [message.get("reasoning_content") or ""]
+    if "<think>" in message["content"]:
+        texts += _THINK.findall(message["content"])
+    return [t.strip() for t in texts if t.strip()]
+
+
+def _missing(texts: list[str], rendered: str) -> int:
+    """How many of ``texts`` ``rendered`` does not hold (a text given twice must be there twice)."""
+    return sum(max(0, n - rendered.count(t)) for t, n in Counter(texts).items())
 
 
 def _compile(chat_template: str):

@@ -25,13 +25,19 @@ window) is dropped, which is the reference's rule ``len(prompt_ids) >= S``.
 a sample keeps at most ``S - 1`` tokens, so a document holding it alone keeps a pad slot (packed
 training fails on a row whose only sample fills all ``S`` inputs), and a sample never ends on
 token id 0 (its boundary ``-1 - 0 = -1`` is Megatron ``GPTDataset``'s pad sentinel, rewritten to
-0, so the boundary would vanish): one more token is cut instead. Such a row carries the reason
-``trainer cut`` and says what was cut; the writer lists it with the other reports.
+0, so the boundary would vanish): one more token is cut instead.
+
+A written sample that lost tokens says how many to each cut (``lost``, in ``CUTS`` order: at
+``S``, the pad slot, a trailing id 0), so the writer reports what happened, not one label for
+all. ``overlong: drop`` drops a sample longer than a document holds (``S``, ``S - 1`` with
+``trainer_safe``) instead of cutting it (reason ``overlong``). ``reasoning`` counts the
+sample's reasoning texts as ``template.Rendered`` does (carried, not rendered, split off).
 """
 
 from __future__ import annotations
 
 import os
+from collections import Counter
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,11 +51,18 @@ from sftprep.sources import SCHEMA as RECORD_SCHEMA
 from sftprep.template import ChatRenderer, TemplateError, load_tokenizer
 
 OK, REJECTED, DROPPED, END = "ok", "rejected", "dropped", "end"
-# An ok row that trainer_safe cut shorter has reason "trainer cut (<why>, ...)" (docs/trainer.md).
-TRAINER_CUT = "trainer cut"
-CUT_PAD_SLOT, CUT_ID_0 = "pad slot", "ends on id 0"
-CUT_DETAIL = {CUT_PAD_SLOT: "at most S-1 tokens, so a document holding it alone keeps a pad slot",
-              CUT_ID_0: "it ended on token id 0, whose boundary -1 GPTDataset erases"}
+# What a written sample can lose, in the order of the stage's ``lost`` column; the summary's keys
+# are ``<key>_samples`` and ``<key>_tokens_lost`` (docs/trainer.md).
+CUT_TRUNCATED, CUT_PAD_SLOT, CUT_ID_0 = "truncated at S", "pad slot", "ends on id 0"
+CUTS = (CUT_TRUNCATED, CUT_PAD_SLOT, CUT_ID_0)
+CUT_KEYS = {CUT_TRUNCATED: "truncated", CUT_PAD_SLOT: "pad_slot", CUT_ID_0: "id_0"}
+CUT_DETAIL = {CUT_TRUNCATED: "longer than seq-length {S}",
+              CUT_PAD_SLOT: "trainer-safe: at most {S}-1 tokens, so a document holding it alone "
+                            "keeps a pad slot",
+              CUT_ID_0: "trainer-safe: it ended on token id 0, whose boundary -1 GPTDataset "
+                        "erases"}
+OVERLONG = "overlong"  # the reason of a sample --overlong drop dropped
+REASONING = ("carried", "not_rendered", "split")  # the ``reasoning`` column, in this order
 REJECT_TEXT_CHARS = 2000
 SCHEMA = pa.schema([
     *(RECORD_SCHEMA.field(name) for name in ORIGIN),  # line: the task's line count at its end
@@ -59,6 +72,8 @@ SCHEMA = pa.schema([
     ("tokens", pa.int32()),          # full length before any cut
     ("prompt_tokens", pa.int32()),   # tokens before the first trained one
     ("chars", pa.int32()),           # characters of the sample's message contents
+    ("lost", pa.list_(pa.int32())),  # ok rows: tokens lost to each of CUTS; [] when whole
+    ("reasoning", pa.list_(pa.int32())),  # reasoning texts, per REASONING; [] when none
     ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
 ])
 
@@ -76,6 +91,8 @@ class TokenizeSpec:
     format: str = "auto"
     columns: tuple = ()
     trainer_safe: bool = True
+    overlong: str = "truncate"       # truncate (cut at S) or drop
+    reasoning_turns: str = "keep"    # keep (the template's rendering) or split
     backend: str = "auto"            # auto (the fast path where it applies) or hf
     files: tuple = ()                # input URLs, to name a file in a guard failure
     # Per read task, where its part of the file starts (a byte, or a Parquet row group; 0: the
@@ -110,7 +127,8 @@ class Tokenize:
         self.setup = setup
         self.encoder, self.hf = encoder(setup)
         self.render = ChatRenderer(setup, spec.train_on, spec.train_tool_calls,
-                                   traced=setup.renderer == "traced")
+                                   traced=setup.renderer == "traced",
+                                   reasoning_turns=spec.reasoning_turns)
         self.columns = dict(spec.columns)
         self.batches = 0
 
@@ -122,12 +140,9 @@ class Tokenize:
             if raw is None:
                 todo.append((i, -1, raw, None))
                 continue
-            try:
-                rendered = [self.render(c) for c in parse_group(raw, self.spec.format, self.columns)]
-            except TemplateError as e:
-                todo.append((i, -1, raw, RecordError("template", str(e))))
-            except RecordError as e:
-                todo.append((i, -1, raw, e))
+            rendered = self._samples(raw)
+            if isinstance(rendered, RecordError):
+                todo.append((i, -1, raw, rendered))
             else:
                 todo += [(i, k, raw, r) for k, r in enumerate(rendered)]
         samples = [t for t in todo if t[-1] is not None and not isinstance(t[-1], RecordError)]
@@ -147,6 +162,16 @@ class Tokenize:
             else:
                 self._sample(out, i, k, raw, r, *next(encodings))
         return out.table(batch)
+
+    def _samples(self, raw: bytes, traced: bool = True) -> list | RecordError:
+        """A record's samples rendered (``ChatRenderer.samples``), or why it cannot be used."""
+        try:
+            return [r for c in parse_group(raw, self.spec.format, self.columns)
+                    for r in self.render.samples(c, traced)]
+        except TemplateError as e:
+            return RecordError("template", str(e))
+        except RecordError as e:
+            return e
 
     def _picked(self, batch: pa.Table, rows: list) -> list[int]:
         """Which of ``rows`` (``(batch row, sample index, ...)``) the guards check."""
@@ -176,15 +201,15 @@ class Tokenize:
         rows = [t for t in todo if t[-1] is not None
                 and (not isinstance(t[-1], RecordError) or t[-1].reason == "template")]
         jinja: dict = {}  # batch row -> its record's renders, or the template's error
+        made = Counter(t[0] for t in rows if t[1] >= 0)  # samples per record, traced
         for j in self._picked(batch, rows):
             i, k, raw, got = rows[j]
             if i not in jinja:  # a record's samples are rendered together, once
-                try:
-                    jinja[i] = [self.render(c, traced=False)
-                                for c in parse_group(raw, self.spec.format, self.columns)]
-                except TemplateError as e:
-                    jinja[i] = RecordError("template", str(e))
-            want = jinja[i] if isinstance(jinja[i], RecordError) else jinja[i][k]
+                jinja[i] = self._samples(raw, traced=False)
+            want = jinja[i]
+            if not isinstance(want, RecordError):
+                want = (want[k] if len(want) == made[i] else
+                        RecordError("template", f"{len(want)} samples against {made[i]}"))
             if _outcome(want) != _outcome(got):
                 raise EncodingMismatch(
                     f"{self._where(batch, i)} (sample {k}): the traced chat template differs "
@@ -209,10 +234,18 @@ class Tokenize:
                     f"spans {got_spans}; text {r.text!r}")
 
     def _sample(self, out: "_Rows", i, k, raw, rendered, ids, spans) -> None:
-        S = self.spec.seq_length
+        S, safe = self.spec.seq_length, self.spec.trainer_safe
         n = len(ids)
         first = min((a for a, b in spans if a < b), default=n)  # tokens before the first trained
-        cap, why = trainer_cut(ids, S) if self.spec.trainer_safe else (min(n, S), [])
+        about = dict(tokens=n, prompt_tokens=first, chars=rendered.chars,
+                     reasoning=rendered.reasoning)
+        room = S - 1 if safe else S
+        if self.spec.overlong == "drop" and n > room:
+            out.problem(i, k, DROPPED, OVERLONG, f"{n} tokens, more than the {room} a document "
+                        f"holds (seq-length {S}{', trainer-safe' if safe else ''}); "
+                        "--overlong truncate would cut it", raw, **about)
+            return
+        cap, lost = cut(ids, S, safe)
         ids = ids[:cap]
         labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
         trained = False
@@ -223,44 +256,54 @@ class Tokenize:
                 trained = True
         if not trained:
             if first < n:
+                why = [c for c, x in zip(CUTS[1:], lost[1:]) if x]
                 limit = f"the {cap} tokens kept ({', '.join(why)})" if why else f"seq-length {S}"
                 reason, detail = "prompt too long", f"{first} prompt tokens >= {limit}"
             else:
                 reason, detail = "nothing to train", "no assistant turn is trained"
-            out.problem(i, k, DROPPED, reason, detail, raw, tokens=n, prompt_tokens=first,
-                        chars=rendered.chars)
+            out.problem(i, k, DROPPED, reason, detail, raw, **about)
             return
-        cut = why and (f"{TRAINER_CUT} ({', '.join(why)})",
-                       f"kept {cap} of {n} tokens ({min(n, S)} fit seq-length {S}): "
-                       + "; ".join(CUT_DETAIL[w] for w in why))
         ids[-1] = -1 - ids[-1]
-        out.sample(i, k, n, first, rendered.chars, ids, labels, cut)
+        if any(lost):
+            about.update(zip(("reason", "detail"), cut_report(lost, S)))
+        out.sample(i, k, ids, labels, lost if any(lost) else [], about)
 
 
 def _outcome(r) -> tuple:
-    return (r.detail,) if isinstance(r, RecordError) else (r.text, r.trained)
+    return (r.detail,) if isinstance(r, RecordError) else (r.text, r.trained, r.reasoning)
 
 
 def _show(r) -> str:
     return f"rejected ({r.detail})" if isinstance(r, RecordError) else \
-        f"text {r.text!r} spans {r.trained}"
+        f"text {r.text!r} spans {r.trained}" + (f" reasoning {r.reasoning}" if r.reasoning else "")
 
 
-def trainer_cut(ids: np.ndarray, S: int) -> tuple[int, list[str]]:
-    """How many of ``ids`` a trainer-safe sample keeps, and why fewer than ``min(len, S)``.
+def cut(ids: np.ndarray, S: int, trainer_safe: bool) -> tuple[int, list[int]]:
+    """How many of ``ids`` a sample keeps, and the tokens it loses to each of ``CUTS``.
 
-    At most ``S - 1`` (a pad slot after a sample that sits alone in its document), and never
-    ending on id 0 (stored as -1, Megatron's pad sentinel): cut back past every trailing 0.
+    At most ``S``; with ``trainer_safe`` at most ``S - 1`` (a pad slot after a sample that sits
+    alone in its document), and never ending on id 0 (stored as -1, Megatron's pad sentinel):
+    cut back past every trailing 0.
     """
     n = len(ids)
-    keep = min(n, S - 1)
-    why = [CUT_PAD_SLOT] if keep < min(n, S) else []
-    before = keep
-    while keep and ids[keep - 1] == 0:
-        keep -= 1
-    if keep < before:
-        why.append(CUT_ID_0)
-    return keep, why
+    keep = min(n, S)
+    lost = [n - keep, 0, 0]
+    if trainer_safe:
+        if keep == S:
+            keep, lost[1] = S - 1, 1
+        before = keep
+        while keep and ids[keep - 1] == 0:
+            keep -= 1
+        lost[2] = before - keep
+    return keep, lost
+
+
+def cut_report(lost: list[int], S: int) -> tuple[str, str]:
+    """The reason and detail of a sample that lost tokens: each cut with what it cost."""
+    parts = [(c, x) for c, x in zip(CUTS, lost) if x]
+    return (", ".join(c for c, _ in parts),
+            "; ".join(f"{c}: lost {x:,} token{'s' * (x != 1)} ({CUT_DETAIL[c].format(S=S)})"
+                      for c, x in parts))
 
 
 class _Rows:
@@ -279,18 +322,14 @@ class _Rows:
         for name, col in self.cols.items():
             col.append(values.get(name))
 
-    def sample(self, i, k, tokens, prompt_tokens, chars, ids, labels, cut=None) -> None:
-        reason, detail = cut or (None, None)
-        self._row(i, sample=k, status=OK, tokens=tokens, reason=reason, detail=detail,
-                  prompt_tokens=prompt_tokens, chars=chars)
+    def sample(self, i, k, ids, labels, lost: list[int], about: dict) -> None:
+        self._row(i, sample=k, status=OK, lost=lost, **about)
         self.ids.append(ids)
         self.labels.append(labels)
 
-    def problem(self, i, k, status, reason, detail, raw: bytes, tokens=None,
-                prompt_tokens=None, chars=None) -> None:
+    def problem(self, i, k, status, reason, detail, raw: bytes, **about) -> None:
         text = raw[:REJECT_TEXT_CHARS * 4].decode("utf-8", errors="replace")[:REJECT_TEXT_CHARS]
-        self._row(i, sample=k, status=status, reason=reason, detail=detail,
-                  text=text, tokens=tokens, prompt_tokens=prompt_tokens, chars=chars)
+        self._row(i, sample=k, status=status, reason=reason, detail=detail, text=text, **about)
         self.ids.append(_EMPTY)
         self.labels.append(_EMPTY)
 

@@ -40,7 +40,7 @@ from sftprep.shards import TASK_COLUMN, assemble_manifest, derive_figures, merge
 from sftprep.sink import MultipartSink, upload_file
 from sftprep.sources import Origins, ReadRange, describe
 from sftprep.storage import filesystem, is_remote
-from sftprep.tokenize import CUT_ID_0, CUT_PAD_SLOT, DROPPED, END, OK, REJECTED, TRAINER_CUT
+from sftprep.tokenize import CUT_KEYS, CUTS, DROPPED, END, OK, OVERLONG, REASONING, REJECTED
 
 SUFFIXES = (".bin", ".idx")
 MANIFEST = ".manifest.json"
@@ -48,6 +48,15 @@ REJECTS = ".rejects.jsonl"
 # An old output is removed in this order before the new one lands: its index first, so no .idx
 # ever describes a .bin it was not written with.
 STALE_ORDER = (".idx", MANIFEST, ".bin", REJECTS)
+
+
+# Counters the summary gives as they are (docs/trainer.md): samples written shorter and the
+# tokens they lost, in all and per cut; samples ``--overlong drop`` dropped and their tokens;
+# reasoning texts carried, not in their rendered turn, and given their own sample.
+FIGURES = ("cut_samples", "tokens_lost",
+           *(f"{CUT_KEYS[c]}_{x}" for c in CUTS for x in ("samples", "tokens_lost")),
+           "overlong_dropped", "overlong_dropped_tokens",
+           *(f"reasoning_{name}" for name in REASONING))
 
 
 class BadRecordError(ValueError):
@@ -99,11 +108,7 @@ def source_figures(c: Counter, reasons: dict[str, Counter]) -> dict:
         "rejected_by_reason": dict(sorted(reasons[REJECTED].items())),
         "dropped_samples": c[DROPPED],
         "dropped_by_reason": dict(sorted(reasons[DROPPED].items())),
-        "truncated_samples": c["truncated"],
-        "tokens_cut": c["tokens_cut"],
-        "trainer_cut_samples": c[TRAINER_CUT],
-        "trainer_tokens_cut": c["trainer_tokens_cut"],
-        "trainer_cut_by_reason": dict(sorted(reasons[TRAINER_CUT].items())),
+        **{k: c[k] for k in FIGURES},
         "tokens": c["tokens"],
         "trained_tokens": c["trained"],
     }
@@ -171,8 +176,7 @@ class SFTWriter:
         # Every counter is kept per source: ``self.c`` and ``self.reasons`` are the current
         # row's source's (``_use_source``).
         self.counts = [Counter() for _ in self.sources]
-        self.by_reason = [{REJECTED: Counter(), DROPPED: Counter(), TRAINER_CUT: Counter()}
-                          for _ in self.sources]
+        self.by_reason = [{REJECTED: Counter(), DROPPED: Counter()} for _ in self.sources]
         self._use_source(0)
         self.max_samples_per_doc = 0
         self.checked = {"samples": 0, "tokens": 0, "pad": 0}  # what check_rows saw
@@ -202,7 +206,8 @@ class SFTWriter:
         trained = np.concatenate([[0], np.cumsum(labels_values != idxmap.IGNORE_INDEX)])
         trained = trained[offsets[1:]] - trained[offsets[:-1]]
         cols = {n: table[n].to_pylist() for n in ("task", "file", "line", "element", "sample",
-                                                  "status", "reason", "detail", "text", "tokens")}
+                                                  "status", "reason", "detail", "text", "tokens",
+                                                  "lost", "reasoning")}
         for i in range(table.num_rows):
             key = (cols["task"][i], cols["line"][i], cols["element"][i], cols["sample"][i])
             status = cols["status"][i]
@@ -220,6 +225,9 @@ class SFTWriter:
                 self._use_source(self.task_source[key[0]])
                 self.c["records"] += 1
                 self.c["records_read"] += self.whole[key[0]]
+            if cols["reasoning"][i]:
+                for name, n in zip(REASONING, cols["reasoning"][i]):
+                    self.c[f"reasoning_{name}"] += n
             if status == OK:
                 a, b = offsets[i], offsets[i + 1]
                 self._group.append(Piece(
@@ -227,10 +235,8 @@ class SFTWriter:
                                  int(trained[i])),
                     (*self.task_record[key[0]], key[1], key[2])))
                 self.c["samples"] += 1
-                self.c["truncated"] += cols["tokens"][i] > self.S
-                self.c["tokens_cut"] += max(0, cols["tokens"][i] - self.S)
-                if cols["reason"][i]:  # ok, but trainer_safe cut it shorter
-                    self._trainer_cut({n: cols[n][i] for n in cols}, int(b - a))
+                if cols["lost"][i]:  # written shorter than it renders
+                    self._cut({n: cols[n][i] for n in cols}, int(b - a))
             else:
                 self._problem(status, {n: cols[n][i] for n in cols})
         self._write_pending()
@@ -243,17 +249,27 @@ class SFTWriter:
                  "text": row["text"]}
         if row["sample"] >= 0:
             entry["sample"] = row["sample"]
+        if row["tokens"] is not None:
+            entry["tokens"] = row["tokens"]
         self._rejects.add(entry)
         self.c[status] += 1
         self.reasons[status][row["reason"]] += 1
+        if row["reason"] == OVERLONG:
+            self.c["overlong_dropped"] += 1
+            self.c["overlong_dropped_tokens"] += row["tokens"]
 
-    def _trainer_cut(self, row: dict, kept: int) -> None:
-        """A sample ``template.trainer_safe`` cut shorter: counted and listed with the rejects."""
-        self.c[TRAINER_CUT] += 1
-        self.c["trainer_tokens_cut"] += min(row["tokens"], self.S) - kept
-        self.reasons[TRAINER_CUT].update(w for w in (CUT_PAD_SLOT, CUT_ID_0) if w in row["reason"])
+    def _cut(self, row: dict, kept: int) -> None:
+        """A sample written shorter than it renders: counted per cut and listed with the
+        tokens it lost to each (``tokenize.CUTS``)."""
+        lost = {c: n for c, n in zip(CUTS, row["lost"]) if n}
+        self.c["cut_samples"] += 1
+        self.c["tokens_lost"] += sum(lost.values())
+        for c, n in lost.items():
+            self.c[f"{CUT_KEYS[c]}_samples"] += 1
+            self.c[f"{CUT_KEYS[c]}_tokens_lost"] += n
         self._rejects.add({**self.origins.locate(row["file"], row["line"], row["element"]),
                            "sample": row["sample"], "status": "cut", "reason": row["reason"],
+                           "tokens": row["tokens"], "kept": kept, "lost": lost,
                            "detail": row["detail"]})
 
     def _close_group(self) -> None:

@@ -113,8 +113,8 @@ def test_on_error_skip_writes_the_good_and_reports_the_bad(ray_session, qwen_dir
                                        "not a sample": 1, "not a string": 1, "truncated JSON": 1}
     with open(tmp_path / "out_text_document.rejects.jsonl", encoding="utf-8") as f:
         reported = [json.loads(line) for line in f]
-    rejects = [r for r in reported if r["status"] != "cut"]  # cut: written, trainer-safe cut
-    assert len(reported) - len(rejects) == s["trainer_cut_samples"]
+    rejects = [r for r in reported if r["status"] != "cut"]  # cut: written shorter
+    assert len(reported) - len(rejects) == s["cut_samples"]
     assert [(r["line"], r["reason"]) for r in rejects] == [
         (3, "truncated JSON"), (6, "not UTF-8"), (7, "missing field"), (8, "empty group"),
         (9, "not a string"), (10, "not a sample")]

@@ -13,6 +13,7 @@ from fixtures import alpaca_samples, write_jsonl
 from sftprep import report, trainer
 from sftprep.idxmap import IndexedReader, check_sft_layout
 from sftprep.shards import data_path_argument, shard_of_tasks, task_ranges, task_reach
+from sftprep.writer import FIGURES
 from test_pipeline import build, read
 
 SIZES = [9, 3, 14, 6, 11]  # lines per file: blocks and batches span files
@@ -64,7 +65,7 @@ def test_four_shards_concatenate_to_the_unsharded_output(ray_session, qwen_dir, 
                           .index.sequence_lengths)
     assert sharded["data_path"] == " ".join(f"{d} {p}" for d, p in zip(docs, prefixes))
     for key in ("records", "samples_written", "documents", "tokens", "trained_tokens",
-                "trainer_cut_samples", "trainer_tokens_cut", "trainer_cut_by_reason"):
+                *FIGURES):
         assert sharded["summary"][key] == whole["summary"][key]
     for key in ("packed_documents", "max_samples_per_document", "rows_breaking",
                 "first_document_breaking", "safe_modes"):  # the rows are the same rows

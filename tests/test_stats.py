@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 
@@ -11,6 +12,8 @@ from fixtures import (alpaca_samples, lines_with_groups, needs_shared, record_ba
                       shared_file, write_jsonl)
 from sftprep import pipeline, stats
 from sftprep.config import BuildConfig, load
+from sftprep.encode import prepare
+from sftprep.template import load_tokenizer
 from sftprep.tokenize import OK, REJECTED, TokenizeSpec
 
 CHAT = {"messages": [{"role": "system", "content": "Be brief."},
@@ -121,18 +124,21 @@ def test_stage_lengths_and_the_drop_rule_at_other_lengths(qwen_dir):
     raw.append(b"[]")
     batch = record_batch(raw, end=True)
     lengths = {}
-    for S in (64, 256, 512):
-        spec = TokenizeSpec(tokenizer=qwen_dir, seq_length=S)
-        table = stats.TokenLengths(spec)(batch)
+    setup = prepare(load_tokenizer(qwen_dir))
+    for S, overlong in itertools.product((64, 256, 512), ("truncate", "drop")):
+        spec = TokenizeSpec(tokenizer=qwen_dir, seq_length=S, overlong=overlong)
+        table = stats.TokenLengths(spec, setup)(batch)
         assert table.schema == stats.SCHEMA
         collector = stats.Collector(["x.jsonl"], "skip", None)
         collector.add(table)
-        lengths[S] = collector.finish()
+        lengths[S, overlong] = collector.finish()
         assert collector.records == len(raw) and collector.bad_count == 1
-    assert list(lengths[256].chars) == [alpaca_chars(x) for x in samples]
-    for other in (64, 512):
-        assert list(lengths[256].kept_at(other, 256, True)) == list(lengths[other].ok), other
-    assert not lengths[256].ok[3] and lengths[512].ok[3]
+    assert list(lengths[256, "truncate"].chars) == [alpaca_chars(x) for x in samples]
+    for other, overlong in itertools.product((64, 512), ("truncate", "drop")):
+        assert list(lengths[256, overlong].kept_at(other, 256, True, overlong)) == list(
+            lengths[other, overlong].ok), (other, overlong)
+    assert not lengths[256, "truncate"].ok[3] and lengths[512, "truncate"].ok[3]
+    assert lengths[64, "drop"].ok.sum() < lengths[64, "truncate"].ok.sum()
 
 
 @needs_shared("alpaca_en_demo.json", "alpaca_zh_demo.json")

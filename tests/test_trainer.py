@@ -11,13 +11,16 @@ import shutil
 import numpy as np
 import pytest
 
+from contract import _ids
 from fixtures import SHARED_DATA, alpaca_samples, lines_with_groups, write_jsonl
 from test_pipeline import REFERENCE_CONF, build
 from trainer_model import TrainerError, get_batch, samples_of, trains_right
 from sftprep import trainer
 from sftprep.__main__ import main as cli
 from sftprep.idxmap import IndexedReader
-from sftprep.tokenize import CUT_ID_0, CUT_PAD_SLOT, Tokenize, TokenizeSpec
+from sftprep.report import summary_text
+from sftprep.tokenize import (CUT_ID_0, CUT_KEYS, CUT_PAD_SLOT, CUT_TRUNCATED, Tokenize,
+                              TokenizeSpec)
 from test_tokenize import batch
 
 S = 128
@@ -84,7 +87,11 @@ def reports(prefix) -> list[dict]:
 
 
 @pytest.mark.parametrize("packing", ["none", "sequential", "bfd"])
-def test_every_document_trains_right_in_packed_mode(built, packing):
+def test_every_document_trains_right_in_packed_mode(built, packing, qwen, lines):
+    rendered_tokens = sum(len(_ids(qwen, [
+        {"role": "user", "content": x["instruction"] + x["input"]},
+        {"role": "assistant", "content": x["output"]}]))
+        for line in lines for x in (line if isinstance(line, list) else [line]))
     manifest, prefix = built(packing)
     docs = documents(prefix)
     s, t = manifest["summary"], manifest["trainer"]
@@ -103,16 +110,24 @@ def test_every_document_trains_right_in_packed_mode(built, packing):
         for doc in singles:
             trains_right(doc, S, packed=False)
         get_batch(singles[:4], S, packed=False)  # several rows a micro-batch: fine unpacked
-    # Every cut is counted and listed: samples that reached S lose one token for the pad slot,
-    # and cuts that ended on "!" lose it too.
+    # Every cut is counted and listed with the tokens it lost to each cut; the totals add up.
     cuts = [r for r in reports(prefix) if r["status"] == "cut"]
-    assert len(cuts) == s["trainer_cut_samples"] >= s["truncated_samples"]
-    by_reason = s["trainer_cut_by_reason"]
-    assert by_reason[CUT_ID_0] == sum(CUT_ID_0 in r["reason"] for r in cuts)
-    assert by_reason[CUT_PAD_SLOT] == sum(CUT_PAD_SLOT in r["reason"] for r in cuts)
-    assert any(CUT_ID_0 in r["reason"] for r in cuts) and all(
-        CUT_PAD_SLOT in r["reason"] or CUT_ID_0 in r["reason"] for r in cuts)
-    assert s["trainer_tokens_cut"] >= len(cuts)
+    assert len(cuts) == s["cut_samples"] >= s["truncated_samples"] > 0
+    for name, key in CUT_KEYS.items():
+        mine = [r["lost"][name] for r in cuts if name in r["lost"]]
+        assert (len(mine), sum(mine)) == (s[f"{key}_samples"], s[f"{key}_tokens_lost"])
+        assert all(name in r["reason"] for r in cuts if name in r["lost"])
+    assert s["id_0_samples"] > 0 and s["pad_slot_samples"] == s["pad_slot_tokens_lost"]
+    for r in cuts:  # reaching S costs the pad slot; only what is beyond S is truncated
+        assert sum(r["lost"].values()) == r["tokens"] - r["kept"]
+        assert r["lost"].get(CUT_TRUNCATED, 0) == max(0, r["tokens"] - S)
+        assert r["lost"].get(CUT_PAD_SLOT, 0) == (r["tokens"] >= S)
+    assert s["tokens_lost"] == sum(s[f"{key}_tokens_lost"] for key in CUT_KEYS.values())
+    assert s["tokens"] == rendered_tokens - s["tokens_lost"]  # nothing dropped here
+    text = summary_text(manifest)
+    assert (f"truncated at S      {s['truncated_samples']} samples lost "
+            f"{s['truncated_tokens_lost']:,} tokens") in text
+    assert f"tokens lost         {s['tokens_lost']:,} in {len(cuts)} cut samples (" in text
     assert cli(["verify", prefix + "_text_document", "--trainer-mode", "packed"]) == 0
 
 
@@ -194,7 +209,7 @@ def test_trainer_rules_in_the_stage(qwen_dir):
     exact = dict(base, output=" a" * (S - n0))  # exactly S tokens: whole for the reference
     [r, s] = [stage(batch([exact])).to_pylist()[0] for stage in (ref, safe)]
     assert len(r["input_ids"]) == S and r["reason"] is None
-    assert len(s["input_ids"]) == S - 1 and s["reason"] == f"trainer cut ({CUT_PAD_SLOT})"
+    assert len(s["input_ids"]) == S - 1 and s["reason"] == CUT_PAD_SLOT
     assert s["input_ids"][:-1] == r["input_ids"][:S - 2]
     assert s["input_ids"][-1] == -1 - r["input_ids"][S - 2] and s["tokens"] == S
     # Cuts inside "x!x!...": the token before the cut is "!" (id 0) at one parity.
@@ -218,7 +233,7 @@ def test_alpaca_demo_at_256_trains_right(ray_session, qwen_dir, tmp_path, packin
     for doc in docs:
         trains_right(doc, 256, packed=True)
     s, t = manifest["summary"], manifest["trainer"]
-    assert s["truncated_samples"] > 0 and s["trainer_cut_samples"] >= s["truncated_samples"]
+    assert s["truncated_samples"] > 0 and s["pad_slot_samples"] >= s["truncated_samples"]
     assert "packed" in t["safe_modes"] and t["rows_breaking"]["full_rows"] == 0
     assert t["rows_breaking"]["erased_boundaries"] == 0
     if packing == "none":
@@ -235,7 +250,7 @@ def test_chat_demo_at_1024_trains_right(ray_session, qwen_dir, tmp_path):
     for doc in documents(tmp_path / "chat"):
         trains_right(doc, 1024, packed=True)
     s, t = manifest["summary"], manifest["trainer"]
-    assert s["truncated_samples"] > 0 and s["trainer_cut_samples"] >= s["truncated_samples"]
+    assert s["truncated_samples"] > 0 and s["pad_slot_samples"] >= s["truncated_samples"]
     assert t["safe_modes"] == ["packed"] and t["rows_breaking"]["full_rows"] == 0
 
 
