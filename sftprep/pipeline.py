@@ -34,9 +34,11 @@ import pyarrow as pa
 import ray
 
 import sftprep
-from sftprep import trainer
+from sftprep import tokenizer_files, trainer
 from sftprep.config import BuildConfig, ConfigError, validate
 from sftprep.encode import Setup, prepare
+from sftprep.ray_compat import (progress_bars, read_datasource, read_task,
+                                with_object_store_limit)
 from sftprep.sources import SCHEMA as RECORD_SCHEMA
 from sftprep.shards import (combine_summaries, data_path_argument, shard_of_tasks,
                             shard_prefix, task_ranges, task_reach, task_span,
@@ -44,7 +46,7 @@ from sftprep.shards import (combine_summaries, data_path_argument, shard_of_task
 from sftprep.sources import (InputFile, ReadRange, auto_split_bytes, expand_inputs, plan_reads,
                              read_range)
 from sftprep.storage import filesystem, is_remote, redact, resolve_options
-from sftprep.template import load_tokenizer, tokenizer_fingerprint
+from sftprep.template import load_tokenizer
 from sftprep.tokenize import GUARD_EVERY, GUARD_LINES, Tokenize, TokenizeSpec
 from sftprep.writer import (MANIFEST, STALE_ORDER, SUFFIXES, SFTWriter, remove_stale,
                             remove_temporary)
@@ -81,9 +83,7 @@ class RecordSource(ray.data.Datasource):
         for task, r in enumerate(self.plan):
             def read(r=r, task=task) -> Iterator[pa.Table]:
                 yield from read_range(r, task, self.storage_options, self.block_records)
-            meta = ray.data.block.BlockMetadata(num_rows=None, size_bytes=r.size,
-                                                input_files=[r.url], exec_stats=None)
-            tasks.append(ray.data.ReadTask(read, meta, schema=RECORD_SCHEMA))
+            tasks.append(read_task(read, r.size, r.url, RECORD_SCHEMA))
         return tasks
 
     def get_name(self) -> str:
@@ -177,11 +177,19 @@ def tokenize_spec(config: BuildConfig) -> TokenizeSpec:
 
 
 def loaded_tokenizer(config: BuildConfig) -> tuple:
-    """The HF tokenizer, and the tokenizer, template and encoding backend every actor gets,
-    decided here once (``encode.Setup``)."""
+    """The HF tokenizer, the tokenizer, template and encoding backend every actor gets, and
+    where its files came from, all decided here once (``encode.Setup``,
+    ``tokenizer_files.Resolved``)."""
     t = config.template
-    tok = load_tokenizer(t.tokenizer, t.pad_token, t.chat_template)
-    return tok, prepare(tok, t.backend)
+    resolved = tokenizer_files.resolve(t.tokenizer, config.source.storage_options)
+    tok = load_tokenizer(resolved.path, t.pad_token, t.chat_template)
+    return tok, prepare(tok, t.backend), resolved
+
+
+def trainer_data_path(prefix: str) -> str:
+    """A local output's prefix as the trainer must get it: absolute, since Pai's run scripts
+    start from their own example directory."""
+    return prefix if is_remote(prefix) else os.path.abspath(prefix)
 
 
 def cluster_cpus() -> float:
@@ -206,14 +214,13 @@ def record_dataset(config: BuildConfig, plan: list[ReadRange]) -> ray.data.Datas
     """
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
-    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
-        object_store_memory=max(2, int(cluster_cpus())) * STORE_BLOCKS_PER_CPU * BLOCK_BYTES)
+    ctx.execution_options.resource_limits = with_object_store_limit(
+        ctx.execution_options.resource_limits,
+        max(2, int(cluster_cpus())) * STORE_BLOCKS_PER_CPU * BLOCK_BYTES)
     ctx.target_max_block_size = BLOCK_BYTES
-    ctx.enable_progress_bars = config.run.progress
+    ctx.enable_progress_bars = progress_bars(config.run.progress)
     options = resolve_options([r.url for r in plan], config.source.storage_options)
-    return ray.data.read_datasource(
-        RecordSource(plan, options, config.run.block_records),
-        num_cpus=READ_CPUS)
+    return read_datasource(RecordSource(plan, options, config.run.block_records), READ_CPUS)
 
 
 def tokenized_dataset(config: BuildConfig, plan: list[ReadRange],
@@ -266,7 +273,7 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
     check_output_free(config)
     tokenizer = in_background(lambda: loaded_tokenizer(config))
     ensure_ray(config.run.verbose)  # Ray's start is mostly waiting: the tokenizer loads meanwhile
-    tok, setup = tokenizer()
+    tok, setup, resolved = tokenizer()
     plan = read_plan(config, files)
     options = resolve_options([config.document_prefix], config.source.storage_options)
     task_shard = shard_of_tasks([r.size for r in plan], config.output.shards)
@@ -290,7 +297,9 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
                         "read_tasks": sum(r.file == i for r in plan)}
                        for i, f in enumerate(files)],
             "tokenizer": {"path": config.template.tokenizer,
-                          "sha256": tokenizer_fingerprint(config.template.tokenizer, tok),
+                          "source": {**resolved.source, "local_dir": resolved.path},
+                          "files": resolved.files,
+                          "sha256": tokenizer_files.fingerprint(resolved.files, tok),
                           "pad_token": tok.pad_token, "pad_id": tok.pad_token_id,
                           "vocab_size": len(tok), **setup.describe(),
                           **({"guard": f"{checks} each actor's first batch, the first "
@@ -302,7 +311,8 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
         if len(writers) == 1:
             remove_other_shards(config, options)
             manifest = ray.get(writers[0].finish.remote(
-                {**extra, "data_path": config.document_prefix}))
+                {**extra, "data_path": trainer_data_path(config.document_prefix)},
+                asdict(config.trainer)))
         else:
             manifest = finish_shards(config, writers, extra, options)
     except BaseException:
@@ -466,10 +476,12 @@ def finish_shards(config: BuildConfig, writers: list, extra: dict, options: dict
                "tokens": s["tokens"], "files": files}
               for prefix, s, files in zip(output_prefixes(config), summaries, outputs)]
     figures = trainer.combine(ray.get([w.trainer_figures.remote() for w in writers]))
-    data_path = data_path_argument(shards)
+    data_path = data_path_argument([{**s, "prefix": trainer_data_path(s["prefix"])}
+                                    for s in shards])
     manifest = {**extra, "summary": combine_summaries(summaries, extra["elapsed_seconds"]),
                 "verified": True, "shards": shards, "data_path": data_path,
-                "trainer": trainer.section(figures, config.template.seq_length, data_path),
+                "trainer": trainer.section(figures, config.template.seq_length, data_path,
+                                           **asdict(config.trainer)),
                 "files": {"manifest": config.document_prefix + MANIFEST}}
     write_manifest(config.document_prefix + MANIFEST, manifest, options,
                    config.output.spill_dir)

@@ -225,11 +225,13 @@ class SFTWriter:
 
     # -- finishing ---------------------------------------------------------------------------
 
-    def finish(self, manifest_extra: dict[str, Any]) -> dict:
-        """Flush, write the index, verify, publish atomically; return the manifest."""
+    def finish(self, manifest_extra: dict[str, Any], train: dict | None = None) -> dict:
+        """Flush, write the index, verify, publish atomically; return the manifest.
+        ``train``: ``trainer.section``'s epochs and global batch size."""
         summary = self.seal(manifest_extra.get("elapsed_seconds"))
+        data_path = manifest_extra.get("data_path", self.prefix)
         manifest = {**manifest_extra, "summary": summary, "verified": True,
-                    "trainer": trainer.section(self.trainer, self.S, self.prefix),
+                    "trainer": trainer.section(self.trainer, self.S, data_path, **(train or {})),
                     "files": self.outputs()}
         with open(self.tmp + MANIFEST, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, ensure_ascii=False)
