@@ -186,9 +186,10 @@ def loaded_tokenizer(config: BuildConfig) -> tuple:
     return tok, prepare(tok, t.backend), resolved
 
 
-def trainer_data_path(prefix: str) -> str:
-    """A local output's prefix as the trainer must get it: absolute, since Pai's run scripts
-    start from their own example directory."""
+def local_absolute(prefix: str) -> str:
+    """A local output's prefix made absolute: the writer actors' working directory need not be
+    the driver's, and Pai's run scripts start in their own example directory, so the trainer's
+    --data-path must not be relative either. A URL stays as it is."""
     return prefix if is_remote(prefix) else os.path.abspath(prefix)
 
 
@@ -249,10 +250,12 @@ def tokenized_dataset(config: BuildConfig, plan: list[ReadRange],
 
 
 def output_prefixes(config: BuildConfig) -> list[str]:
-    """The document prefix of each writer: P_text_document, or P_<k>_text_document."""
+    """The document prefix of each writer: P_text_document, or P_<k>_text_document; absolute
+    for a local output (``local_absolute``)."""
     if config.output.shards == 1:
-        return [config.document_prefix]
-    return [shard_prefix(config.output.prefix, k) for k in range(config.output.shards)]
+        return [local_absolute(config.document_prefix)]
+    return [local_absolute(shard_prefix(config.output.prefix, k))
+            for k in range(config.output.shards)]
 
 
 def check_output_free(config: BuildConfig) -> None:
@@ -297,7 +300,8 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
                         "read_tasks": sum(r.file == i for r in plan)}
                        for i, f in enumerate(files)],
             "tokenizer": {"path": config.template.tokenizer,
-                          "source": {**resolved.source, "local_dir": resolved.path},
+                          "source": {**resolved.source,
+                                     "local_dir": os.path.abspath(resolved.path)},
                           "files": resolved.files,
                           "sha256": tokenizer_files.fingerprint(resolved.files, tok),
                           "pad_token": tok.pad_token, "pad_id": tok.pad_token_id,
@@ -311,7 +315,7 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
         if len(writers) == 1:
             remove_other_shards(config, options)
             manifest = ray.get(writers[0].finish.remote(
-                {**extra, "data_path": trainer_data_path(config.document_prefix)},
+                {**extra, "data_path": output_prefixes(config)[0]},
                 asdict(config.trainer)))
         else:
             manifest = finish_shards(config, writers, extra, options)
@@ -476,8 +480,7 @@ def finish_shards(config: BuildConfig, writers: list, extra: dict, options: dict
                "tokens": s["tokens"], "files": files}
               for prefix, s, files in zip(output_prefixes(config), summaries, outputs)]
     figures = trainer.combine(ray.get([w.trainer_figures.remote() for w in writers]))
-    data_path = data_path_argument([{**s, "prefix": trainer_data_path(s["prefix"])}
-                                    for s in shards])
+    data_path = data_path_argument(shards)
     manifest = {**extra, "summary": combine_summaries(summaries, extra["elapsed_seconds"]),
                 "verified": True, "shards": shards, "data_path": data_path,
                 "trainer": trainer.section(figures, config.template.seq_length, data_path,

@@ -83,7 +83,7 @@ def resolve(value: str, storage_options: dict | None = None) -> Resolved:
     """The tokenizer ``value`` names, as a local directory (see the module's docstring)."""
     k = kind(value)
     if k == "local":
-        resolved = Resolved(os.path.abspath(value), {"kind": "local"})
+        resolved = Resolved(value, {"kind": "local"})  # as typed: errors name it so
     elif k == "store":
         resolved = _from_store(value, storage_options)
     elif _true("USE_MODELSCOPE_HUB"):
@@ -166,7 +166,11 @@ def _from_store(url: str, storage_options: dict | None) -> Resolved:
             with open(os.path.join(tmp, SOURCE_FILE), "w", encoding="utf-8") as f:
                 json.dump(source, f)
             shutil.rmtree(dest, ignore_errors=True)
-            os.replace(tmp, dest)
+            try:
+                os.replace(tmp, dest)
+            except OSError:  # another build put the same copy there meanwhile
+                if _source_of(dest) != source:
+                    raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return Resolved(dest, source)
