@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from sftprep import idxmap, trainer, view
+from sftprep import idxmap, tokenizer_files, trainer, view
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -17,7 +17,8 @@ def main(argv: list[str] | None = None) -> int:
         c = sub.add_parser(name, help=help)
         c.add_argument("prefix", help="the files' prefix, e.g. output/demo_text_document "
                        "(the build's --output-prefix, or a file's name, works too)")
-        c.add_argument("--tokenizer", help="tokenizer directory (default: the manifest's)")
+        c.add_argument("--tokenizer", help="tokenizer directory, oss:// or s3:// directory, or "
+                       "hub id (default: the manifest's, a hub id at the commit the build used)")
         if name == "verify":
             c.add_argument("--trainer-mode", choices=("any", *trainer.MODES), default="any",
                            help="fail unless the files are safe for this trainer mode: packed "
@@ -35,13 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     manifest_tok = view.manifest_of(args.prefix).get("tokenizer", {})
-    tok_path = args.tokenizer or manifest_tok.get("path")
+    tok_path = args.tokenizer or tokenizer_files.pinned(manifest_tok)
     tok = None
     if tok_path:
         from sftprep.config import ConfigError
         from sftprep.template import load_tokenizer
         try:
-            tok = load_tokenizer(tok_path, manifest_tok.get("pad_token"))
+            tok = load_tokenizer(tokenizer_files.resolve(tok_path).path,
+                                 manifest_tok.get("pad_token"))
         except (ConfigError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 2

@@ -24,6 +24,10 @@ import yaml
 from sftprep.packing import MODES
 
 REQUIRED = "<required>"
+TOKENIZER_HELP = ("Hugging Face tokenizer: a local directory, an oss:// or s3:// directory, or a "
+                  "hub id (Qwen/Qwen3-8B, optionally @revision; HF_ENDPOINT for a mirror, "
+                  "HF_HUB_OFFLINE=1 for the local cache only, USE_MODELSCOPE_HUB=1 for "
+                  "ModelScope); only its tokenizer files are fetched, once, by the driver")
 
 
 def opt(default: Any, help: str, flag: str | None = None, short: str | None = None,
@@ -61,8 +65,7 @@ class SourceConfig:
 
 @dataclass
 class TemplateConfig:
-    tokenizer: str = opt(REQUIRED, "Hugging Face tokenizer directory (loaded offline)",
-                         "--tokenizer")
+    tokenizer: str = opt(REQUIRED, TOKENIZER_HELP, "--tokenizer")
     seq_length: int = opt(2048, "training sequence length S; each document holds 2*S values",
                           "--seq-length")
     pad_token: str | None = opt(None, "pad token (default: the tokenizer's pad, else its eos); "
@@ -127,12 +130,22 @@ class RunConfig:
 
 
 @dataclass
+class TrainerConfig:
+    epochs: int = opt(1, "epochs to train: the TRAIN_ITERS the summary and the manifest give "
+                      "for Pai's run script are ceil(documents * epochs / global batch size)",
+                      "--epochs")
+    global_batch_size: int = opt(8, "the GLOBAL_BATCH_SIZE you train with (Pai's example "
+                                 "scripts use 8), for TRAIN_ITERS", "--global-batch-size")
+
+
+@dataclass
 class BuildConfig:
     source: SourceConfig = field(default_factory=SourceConfig)
     template: TemplateConfig = field(default_factory=TemplateConfig)
     packing: PackingConfig = field(default_factory=PackingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
 
     @property
     def document_prefix(self) -> str:
@@ -225,9 +238,11 @@ def validate(config: BuildConfig, need_tokenizer: bool = True, need_output: bool
         raise ConfigError(f"--split-bytes {src.split_bytes!r}: must be an integer >= 0 "
                           "(0: one read task per file)")
     if need_tokenizer and tpl.tokenizer in (REQUIRED, None, ""):
-        raise ConfigError("no tokenizer: give --tokenizer DIR (a Hugging Face tokenizer directory)")
-    if tpl.tokenizer not in (REQUIRED, None, "") and not os.path.isdir(tpl.tokenizer):
-        raise ConfigError(f"--tokenizer {tpl.tokenizer!r} is not a directory")
+        raise ConfigError("no tokenizer: give --tokenizer DIR, an oss:// or s3:// directory, or "
+                          "a hub id such as Qwen/Qwen3-8B")
+    if tpl.tokenizer not in (REQUIRED, None, ""):
+        from sftprep import tokenizer_files  # it needs ConfigError from here
+        tokenizer_files.check(tpl.tokenizer)
     if not isinstance(tpl.seq_length, int) or tpl.seq_length < 2:
         raise ConfigError(f"--seq-length {tpl.seq_length!r}: must be an integer >= 2")
     if tpl.train_on not in ("all", "last"):
@@ -248,6 +263,12 @@ def validate(config: BuildConfig, need_tokenizer: bool = True, need_output: bool
         raise ConfigError("no output: give --output-prefix P (writes P_text_document.bin/.idx)")
     if need_output and (not isinstance(config.output.shards, int) or config.output.shards < 1):
         raise ConfigError(f"--shards {config.output.shards!r}: must be an integer >= 1")
+    trainer = getattr(config, "trainer", None)  # the stats job's config has none
+    if trainer is not None:
+        for flag, value in (("--epochs", trainer.epochs),
+                            ("--global-batch-size", trainer.global_batch_size)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{flag} {value!r}: must be an integer >= 1")
     run = config.run
     if run.workers is not None and run.workers < 1:
         raise ConfigError(f"--workers {run.workers}: must be >= 1")

@@ -34,15 +34,18 @@ import pyarrow as pa
 import ray
 
 import sftprep
+from sftprep import tokenizer_files
 from sftprep.config import BuildConfig, ConfigError, validate
 from sftprep.encode import Setup, prepare
+from sftprep.ray_compat import (progress_bars, read_datasource, read_task,
+                                with_object_store_limit)
 from sftprep.sources import SCHEMA as RECORD_SCHEMA
 from sftprep.shards import (assemble_manifest, shard_of_tasks, shard_prefix, task_ranges,
                             task_reach, task_span, write_manifest)
 from sftprep.sources import (InputFile, ReadRange, auto_split_bytes, count_records,
                              expand_inputs, mixture_plan, parse_source, plan_reads, read_range)
 from sftprep.storage import filesystem, is_remote, redact, resolve_options
-from sftprep.template import load_tokenizer, tokenizer_fingerprint
+from sftprep.template import load_tokenizer
 from sftprep.tokenize import GUARD_EVERY, GUARD_LINES, Tokenize, TokenizeSpec
 from sftprep.writer import (MANIFEST, STALE_ORDER, SUFFIXES, SFTWriter, remove_stale,
                             remove_temporary)
@@ -79,9 +82,7 @@ class RecordSource(ray.data.Datasource):
         for task, r in enumerate(self.plan):
             def read(r=r, task=task) -> Iterator[pa.Table]:
                 yield from read_range(r, task, self.storage_options, self.block_records)
-            meta = ray.data.block.BlockMetadata(num_rows=None, size_bytes=r.size,
-                                                input_files=[r.url], exec_stats=None)
-            tasks.append(ray.data.ReadTask(read, meta, schema=RECORD_SCHEMA))
+            tasks.append(read_task(read, r.size, r.url, RECORD_SCHEMA))
         return tasks
 
     def get_name(self) -> str:
@@ -176,11 +177,20 @@ def tokenize_spec(config: BuildConfig) -> TokenizeSpec:
 
 
 def loaded_tokenizer(config: BuildConfig) -> tuple:
-    """The HF tokenizer, and the tokenizer, template and encoding backend every actor gets,
-    decided here once (``encode.Setup``)."""
+    """The HF tokenizer, the tokenizer, template and encoding backend every actor gets, and
+    where its files came from, all decided here once (``encode.Setup``,
+    ``tokenizer_files.Resolved``)."""
     t = config.template
-    tok = load_tokenizer(t.tokenizer, t.pad_token, t.chat_template)
-    return tok, prepare(tok, t.backend)
+    resolved = tokenizer_files.resolve(t.tokenizer, config.source.storage_options)
+    tok = load_tokenizer(resolved.path, t.pad_token, t.chat_template)
+    return tok, prepare(tok, t.backend), resolved
+
+
+def local_absolute(prefix: str) -> str:
+    """A local output's prefix made absolute: the writer actors' working directory need not be
+    the driver's, and Pai's run scripts start in their own example directory, so the trainer's
+    --data-path must not be relative either. A URL stays as it is."""
+    return prefix if is_remote(prefix) else os.path.abspath(prefix)
 
 
 def cluster_cpus() -> float:
@@ -232,14 +242,13 @@ def record_dataset(config: BuildConfig, plan: list[ReadRange]) -> ray.data.Datas
     """
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
-    ctx.execution_options.resource_limits = ctx.execution_options.resource_limits.copy(
-        object_store_memory=max(2, int(cluster_cpus())) * STORE_BLOCKS_PER_CPU * BLOCK_BYTES)
+    ctx.execution_options.resource_limits = with_object_store_limit(
+        ctx.execution_options.resource_limits,
+        max(2, int(cluster_cpus())) * STORE_BLOCKS_PER_CPU * BLOCK_BYTES)
     ctx.target_max_block_size = BLOCK_BYTES
-    ctx.enable_progress_bars = config.run.progress
+    ctx.enable_progress_bars = progress_bars(config.run.progress)
     options = resolve_options([r.url for r in plan], config.source.storage_options)
-    return ray.data.read_datasource(
-        RecordSource(plan, options, config.run.block_records),
-        num_cpus=READ_CPUS)
+    return read_datasource(RecordSource(plan, options, config.run.block_records), READ_CPUS)
 
 
 def tokenized_dataset(config: BuildConfig, plan: list[ReadRange],
@@ -268,10 +277,12 @@ def tokenized_dataset(config: BuildConfig, plan: list[ReadRange],
 
 
 def output_prefixes(config: BuildConfig) -> list[str]:
-    """The document prefix of each writer: P_text_document, or P_<k>_text_document."""
+    """The document prefix of each writer: P_text_document, or P_<k>_text_document; absolute
+    for a local output (``local_absolute``)."""
     if config.output.shards == 1:
-        return [config.document_prefix]
-    return [shard_prefix(config.output.prefix, k) for k in range(config.output.shards)]
+        return [local_absolute(config.document_prefix)]
+    return [local_absolute(shard_prefix(config.output.prefix, k))
+            for k in range(config.output.shards)]
 
 
 def check_output_free(config: BuildConfig) -> None:
@@ -292,7 +303,7 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
     check_output_free(config)
     tokenizer = in_background(lambda: loaded_tokenizer(config))
     ensure_ray(config.run.verbose)  # Ray's start is mostly waiting: the tokenizer loads meanwhile
-    tok, setup = tokenizer()
+    tok, setup, resolved = tokenizer()
     plan = read_plan(config, files)
     options = resolve_options([config.document_prefix], config.source.storage_options)
     task_shard = shard_of_tasks([r.size * r.select.keep // r.select.total if r.select else r.size
@@ -319,7 +330,10 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
                         "read_tasks": sum(r.file == i for r in plan)}
                        for i, f in enumerate(files)],
             "tokenizer": {"path": config.template.tokenizer,
-                          "sha256": tokenizer_fingerprint(config.template.tokenizer, tok),
+                          "source": {**resolved.source,
+                                     "local_dir": os.path.abspath(resolved.path)},
+                          "files": resolved.files,
+                          "sha256": tokenizer_files.fingerprint(resolved.files, tok),
                           "pad_token": tok.pad_token, "pad_id": tok.pad_token_id,
                           "vocab_size": len(tok), **setup.describe(),
                           **({"guard": f"{checks} each actor's first batch, the first "
@@ -490,7 +504,8 @@ def finish_shards(config: BuildConfig, writers: list, extra: dict, options: dict
     outputs = ray.get([w.outputs.remote() for w in writers])
     figures = ray.get([w.trainer_figures.remote() for w in writers])
     manifest = assemble_manifest(extra, summaries, figures, output_prefixes(config), outputs,
-                                 config.template.seq_length, config.document_prefix + MANIFEST)
+                                 config.template.seq_length, config.document_prefix + MANIFEST,
+                                 asdict(config.trainer))
     write_manifest(config.document_prefix + MANIFEST, manifest, options,
                    config.output.spill_dir)
     return manifest

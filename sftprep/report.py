@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from sftprep import trainer
+
 PAD_ADVICE = 0.5  # without packing, a pad fraction above this gets the advice to pack
 
 
@@ -54,6 +56,9 @@ def summary_text(manifest: dict) -> str:
                      + ("; guard: identical" if tok.get("guard") else ""))
     if "trainer" in manifest:
         lines.append(f"trainer             {manifest['trainer']['summary']}")
+        if manifest["trainer"].get("iterations"):
+            lines.append("iterations          "
+                         + trainer.iterations_line(manifest["trainer"]["iterations"]))
     shards = manifest.get("shards") or [{"prefix": manifest["files"]["bin"].rsplit(".", 1)[0],
                                           "files": manifest["files"]}]
     for k, shard in enumerate(shards):

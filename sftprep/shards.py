@@ -141,9 +141,10 @@ def combine_summaries(summaries: list[dict], elapsed: float | None) -> dict:
 
 def assemble_manifest(extra: dict, summaries: list[dict], figures: list[dict],
                       prefixes: list[str], outputs: list[dict], seq_length: int,
-                      manifest_url: str) -> dict:
+                      manifest_url: str, train: dict | None = None) -> dict:
     """The build's manifest from its writers' sealed summaries, trainer figures and files (one
-    writer, or a shard each), the one place it is made."""
+    writer, or a shard each), the one place it is made. ``train``: ``trainer.section``'s
+    epochs and global batch size."""
     summary = combine_summaries(summaries, extra.get("elapsed_seconds"))
     if len(summaries) == 1:
         data_path, files, shards = prefixes[0], outputs[0], {}
@@ -156,7 +157,8 @@ def assemble_manifest(extra: dict, summaries: list[dict], figures: list[dict],
                                     {"shards": listed})
         figure = trainer.combine(figures)
     return {**extra, "summary": summary, "verified": True, **shards, "data_path": data_path,
-            "trainer": trainer.section(figure, seq_length, data_path), "files": files}
+            "trainer": trainer.section(figure, seq_length, data_path, **(train or {})),
+            "files": files}
 
 
 def write_manifest(url: str, manifest: dict, storage_options: dict | None,

@@ -31,7 +31,7 @@ import ray
 
 from sftprep import pipeline
 from sftprep.config import (ConfigError, PackingConfig, RunConfig, SourceConfig, TemplateConfig,
-                            opt, validate)
+                            TOKENIZER_HELP, opt, validate)
 from sftprep.packing import MODES, Piece, make_packer
 from sftprep.records import RecordError, parse_group
 from sftprep.sources import ORIGIN, Origins, ReadRange, expand_inputs
@@ -69,8 +69,8 @@ class StatsSourceConfig(SourceConfig):
 
 @dataclass
 class StatsTemplateConfig(TemplateConfig):
-    tokenizer: str | None = opt(None, "Hugging Face tokenizer directory (loaded offline); "
-                                "optional: without it only character lengths are reported",
+    tokenizer: str | None = opt(None, TOKENIZER_HELP + "; optional: without it only character "
+                                "lengths are reported",
                                 "--tokenizer")
 
 

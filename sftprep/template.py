@@ -22,7 +22,6 @@ rendering, so any template works.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -87,20 +86,6 @@ def _unloadable(path: str, e: Exception) -> str:
     return (f"--tokenizer {path}: no Hugging Face tokenizer loads from this directory ({has}; "
             f"one needs tokenizer.json or the vocabulary files its tokenizer_config.json names): "
             f"{type(e).__name__}: {why}")
-
-
-def tokenizer_fingerprint(path: str, tok) -> str:
-    """sha256 over the tokenizer directory's files and the effective template and pad token."""
-    h = hashlib.sha256()
-    for name in sorted(os.listdir(path)):
-        full = os.path.join(path, name)
-        if os.path.isfile(full):
-            h.update(name.encode() + b"\0")
-            with open(full, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    h.update(chunk)
-    h.update(str(tok.chat_template).encode() + b"\0" + str(tok.pad_token).encode())
-    return h.hexdigest()
 
 
 @dataclass

@@ -40,6 +40,9 @@ RULES = {
 MODES = ("packed", "unpacked")
 MODE_NAMES = {"packed": "MP_SFT_PACKING=true (micro-batch size 1)",
               "unpacked": "MP_SFT_PACKING=false"}
+EPOCHS = 1
+GLOBAL_BATCH_SIZE = 8  # Pai's SFT examples (run_mcore_*.sh with SFT=true)
+WARMUP_PER_ITERS = 100  # one warm-up iteration per 100, as Pai's SFT example (100 of 10,000)
 
 
 def figures() -> dict:
@@ -117,23 +120,52 @@ def verdict(t: dict) -> dict:
     return out
 
 
-def settings(t: dict, S: int, data_path: str) -> dict:
+def iterations(documents: int, epochs: int = EPOCHS,
+               global_batch_size: int = GLOBAL_BATCH_SIZE) -> dict:
+    """``TRAIN_ITERS`` and a warm-up for Pai's run script with ``SFT=true``, which takes both as
+    iterations (its 25th and 26th arguments) and decays over the rest.
+
+    One document is one training sample (Pai doubles the dataset's sequence length to 2*S), and
+    Megatron draws ``TRAIN_ITERS * GLOBAL_BATCH_SIZE`` of them, cycling through the documents in
+    a new shuffle each epoch; so ``ceil(documents * epochs / GBS)`` iterations see every document
+    ``epochs`` times, the last batch topping up from the next shuffle (docs/trainer.md). The
+    warm-up is one iteration per ``WARMUP_PER_ITERS``, at most what leaves Megatron a longer
+    decay (it requires warm-up < decay = TRAIN_ITERS - warm-up)::
+
+        iterations(9_870)  # {'TRAIN_ITERS': 1234, 'LR_WARMUP_ITERS': 13, ...}
+    """
+    train = -(-documents * epochs // global_batch_size)
+    warmup = max(0, min(-(-train // WARMUP_PER_ITERS), (train - 1) // 2))
+    return {"TRAIN_ITERS": train, "LR_WARMUP_ITERS": warmup, "LR_DECAY_ITERS": train - warmup,
+            "GLOBAL_BATCH_SIZE": global_batch_size, "epochs": epochs, "documents": documents}
+
+
+def settings(t: dict, S: int, data_path: str, epochs: int = EPOCHS,
+             global_batch_size: int = GLOBAL_BATCH_SIZE) -> dict:
     """The settings to train with: Pai's run script variables and the Megatron flags they set."""
     v = verdict(t)
     packed = v["packed"] is None and (t["packed_documents"] or v["unpacked"] is not None)
     if v["packed"] is not None and v["unpacked"] is not None:
         return {"safe": False}
-    common = {"SFT": "true", "MP_DATASET_TYPE": "mmap", "SEQ_LEN": S, "DATASET_PATH": data_path}
+    it = iterations(t["documents"], epochs, global_batch_size)
+    common = {"SFT": "true", "MP_DATASET_TYPE": "mmap", "SEQ_LEN": S, "DATASET_PATH": data_path,
+              "GLOBAL_BATCH_SIZE": global_batch_size, "TRAIN_ITERS": it["TRAIN_ITERS"],
+              "LR_WARMUP_ITERS": it["LR_WARMUP_ITERS"]}
+    schedule = [f"--global-batch-size {global_batch_size}", f"--train-iters {it['TRAIN_ITERS']}",
+                f"--lr-warmup-iters {it['LR_WARMUP_ITERS']}",
+                f"--lr-decay-iters {it['LR_DECAY_ITERS']}"]
     if packed:
         return {"safe": True, "MP_SFT_PACKING": "true", "BATCH_SIZE": 1, "CP": 1, **common,
                 "flags": ["--dataset MMAP", "--train-mode finetune", "--reset-position-ids",
-                          "--micro-batch-size 1", f"--seq-length {S}", f"--data-path {data_path}"]}
+                          "--micro-batch-size 1", f"--seq-length {S}", f"--data-path {data_path}",
+                          *schedule]}
     return {"safe": True, "MP_SFT_PACKING": "false", **common,
             "flags": ["--dataset MMAP", "--train-mode finetune", f"--seq-length {S}",
-                      f"--data-path {data_path}"]}
+                      f"--data-path {data_path}", *schedule]}
 
 
-def section(t: dict, S: int, data_path: str) -> dict:
+def section(t: dict, S: int, data_path: str, epochs: int = EPOCHS,
+            global_batch_size: int = GLOBAL_BATCH_SIZE) -> dict:
     """The manifest's ``trainer`` entry."""
     return {"packed_documents": t["packed_documents"],
             "max_samples_per_document": t["max_samples_per_document"],
@@ -141,8 +173,18 @@ def section(t: dict, S: int, data_path: str) -> dict:
             "first_document_breaking": dict(sorted(t["first"].items())),
             "safe_modes": [m for m, why in verdict(t).items() if why is None],
             "problems": {m: why for m, why in verdict(t).items() if why},
-            "train_with": settings(t, S, data_path),
+            "iterations": iterations(t["documents"], epochs, global_batch_size),
+            "train_with": settings(t, S, data_path, epochs, global_batch_size),
             "summary": line(t, S, data_path)}
+
+
+def iterations_line(it: dict) -> str:
+    """For people: the two numbers Pai's run script takes with SFT=true, and where they come
+    from."""
+    epochs = f"{it['epochs']} epoch{'s' * (it['epochs'] != 1)}"
+    return (f"TRAIN_ITERS {it['TRAIN_ITERS']:,}, warm-up {it['LR_WARMUP_ITERS']:,} "
+            f"({epochs} of {it['documents']:,} documents at GLOBAL_BATCH_SIZE "
+            f"{it['GLOBAL_BATCH_SIZE']}; --epochs, --global-batch-size)")
 
 
 def line(t: dict, S: int, data_path: str) -> str:

@@ -316,12 +316,13 @@ class SFTWriter:
 
     # -- finishing ---------------------------------------------------------------------------
 
-    def finish(self, manifest_extra: dict[str, Any]) -> dict:
+    def finish(self, manifest_extra: dict[str, Any], train: dict | None = None) -> dict:
         """Flush, write the index, verify, publish atomically; return the manifest (the
-        pipeline's own, ``shards.assemble_manifest``, for a writer used alone)."""
+        pipeline's own, ``shards.assemble_manifest``, for a writer used alone). ``train``:
+        ``trainer.section``'s epochs and global batch size."""
         summary = self.seal(manifest_extra.get("elapsed_seconds"))
         manifest = assemble_manifest(manifest_extra, [summary], [self.trainer], [self.prefix],
-                                     [self.outputs()], self.S, self.prefix)
+                                     [self.outputs()], self.S, self.prefix, train)
         with open(self.tmp + MANIFEST, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, ensure_ascii=False)
         self.publish()

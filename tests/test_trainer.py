@@ -319,3 +319,54 @@ def test_trainer_figures_match_a_per_document_count_on_mixed_blocks():
         trainer.check_rows(start, np.stack(rows[start:start + 64]), S, got)
     assert got == expected
     assert 0 < got["untrained_samples"] < got["documents"] and got["packed_documents"]
+
+
+def test_train_iters_count_documents_epochs_and_global_batch(ray_session, qwen_dir, tmp_path,
+                                                            monkeypatch, lines):
+    """With SFT=true Pai's script takes TRAIN_ITERS as iterations of GLOBAL_BATCH_SIZE documents
+    (docs/trainer.md): ceil(documents * epochs / GBS). A relative output prefix reaches the
+    trainer absolute (its scripts start in their own directory), for shards too."""
+    monkeypatch.chdir(tmp_path)
+    path = write_jsonl(tmp_path / "train.jsonl", lines)
+    manifest = build([path], qwen_dir, os.path.join("out", "rel"), template__seq_length=S,
+                     trainer__epochs=3, trainer__global_batch_size=7, output__shards=2)
+    documents = sum(len(IndexedReader(os.path.join("out", f"rel_{k}_text_document")))
+                    for k in range(2))
+    expected = -(-documents * 3 // 7)
+    t = manifest["trainer"]
+    assert t["iterations"]["TRAIN_ITERS"] == t["train_with"]["TRAIN_ITERS"] == expected
+    warmup = t["train_with"]["LR_WARMUP_ITERS"]
+    assert 0 <= 2 * warmup < expected and warmup == t["iterations"]["LR_WARMUP_ITERS"]
+    assert t["train_with"]["GLOBAL_BATCH_SIZE"] == 7
+    assert f"--train-iters {expected}" in t["train_with"]["flags"]
+    assert f"--lr-decay-iters {expected - warmup}" in t["train_with"]["flags"]
+    weights_and_paths = manifest["data_path"].split()
+    assert t["train_with"]["DATASET_PATH"] == manifest["data_path"]
+    for path in weights_and_paths[1::2]:
+        assert os.path.isabs(path) and os.path.exists(path + ".bin")
+    from sftprep.report import summary_text
+    assert f"TRAIN_ITERS {expected:,}, warm-up {warmup:,} (3 epochs of {documents:,} " \
+           "documents at GLOBAL_BATCH_SIZE 7" in summary_text(manifest)
+
+
+def test_train_iters_defaults_and_the_unsharded_data_path(built):
+    manifest, prefix = built("none")
+    documents = len(IndexedReader(prefix + "_text_document"))
+    t = manifest["trainer"]
+    assert t["iterations"]["TRAIN_ITERS"] == -(-documents // trainer.GLOBAL_BATCH_SIZE)
+    assert t["iterations"]["epochs"] == trainer.EPOCHS == 1
+    assert manifest["data_path"] == t["train_with"]["DATASET_PATH"] == os.path.abspath(
+        prefix + "_text_document")
+
+
+@pytest.mark.parametrize("documents, epochs, gbs, train, warmup", [
+    (80_000, 1, 8, 10_000, 100),  # Pai's SFT example: 10,000 iterations, 100 of warm-up
+    (9, 1, 8, 2, 0),              # the last, partial batch counts: ceil
+    (1, 1, 8, 1, 0),              # warm-up must stay below the decay (Megatron asserts it)
+    (5, 2, 2, 5, 1),
+    (0, 1, 8, 0, 0),
+])
+def test_iterations(documents, epochs, gbs, train, warmup):
+    it = trainer.iterations(documents, epochs, gbs)
+    assert (it["TRAIN_ITERS"], it["LR_WARMUP_ITERS"]) == (train, warmup)
+    assert it["LR_DECAY_ITERS"] == train - warmup
