@@ -34,6 +34,7 @@ from typing import BinaryIO, Iterator
 import orjson
 import pyarrow as pa
 
+from sftprep.errors import Error
 from sftprep.storage import filesystem
 
 EXTENSIONS = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
@@ -50,7 +51,7 @@ READS_PER_CPU = 4
 MIN_SPLIT = 32 << 20
 
 
-class InputError(ValueError):
+class InputError(Error, ValueError):
     """An input path matched nothing readable; the message names it."""
 
 

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+import types
 from collections import Counter
 from dataclasses import dataclass, field, fields
 
@@ -31,7 +33,7 @@ import ray
 
 from sftprep import pipeline
 from sftprep.config import (ConfigError, PackingConfig, RunConfig, SourceConfig, TemplateConfig,
-                            opt, validate)
+                            given, opt, validate)
 from sftprep.packing import MODES, Piece, make_packer
 from sftprep.records import RecordError, parse_group
 from sftprep.sources import ORIGIN, Origins, expand_inputs
@@ -101,7 +103,7 @@ def validate_stats(config: StatsConfig) -> None:
     validate(config, need_tokenizer=False, need_output=False)
     ladder = config.output.ladder
     if not isinstance(ladder, list) or not all(isinstance(x, int) and x >= 2 for x in ladder):
-        raise ConfigError(f"output.ladder {ladder!r}: must be a list of integers >= 2")
+        raise ConfigError(f"{given('output.ladder', ladder)}: must be a list of integers >= 2")
 
 
 # -- the stage -----------------------------------------------------------------------------------
@@ -346,6 +348,11 @@ def token_stats(lengths: SampleLengths, config: StatsConfig, dropped_reasons: Co
 
 def run(config: StatsConfig) -> dict:
     """Run the statistics job; write ``stats.json`` and the histogram if ``output.dir`` is set."""
+    return measure(config)[0]
+
+
+def measure(config: StatsConfig) -> tuple[dict, SampleLengths]:
+    """``run``'s statistics, and the per-sample lengths they come from (for a plot)."""
     validate_stats(config)
     files = expand_inputs(config.source.inputs, config.source.storage_options)
     out_dir = config.output.dir
@@ -388,7 +395,7 @@ def run(config: StatsConfig) -> dict:
             histogram(lengths.tokens, stats, os.path.join(out_dir, HISTOGRAM))
         stats["files"] = sorted(os.path.join(out_dir, n) for n in os.listdir(out_dir)
                                 if n in (STATS_JSON, HISTOGRAM, BAD_RECORDS))
-    return stats
+    return stats, lengths
 
 
 def _have_matplotlib() -> bool:
@@ -401,7 +408,12 @@ def _have_matplotlib() -> bool:
 
 
 def histogram(tokens: np.ndarray, stats: dict, path: str) -> None:
-    """Histogram of total token lengths with ``S`` (and the recommended S) marked."""
+    histogram_figure(tokens, stats).savefig(path, dpi=110)
+
+
+def histogram_figure(tokens: np.ndarray, stats: dict):
+    """Histogram of total token lengths with ``S`` (and the recommended S) marked: a matplotlib
+    ``Figure`` of its own (no pyplot state), which a notebook shows inline."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -421,7 +433,29 @@ def histogram(tokens: np.ndarray, stats: dict, path: str) -> None:
     ax.set_ylabel("samples")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return fig
+
+
+def tables(stats: dict) -> tuple:
+    """pandas DataFrames of ``stats``: lengths per part (characters; with a tokenizer also
+    prompt, response and total tokens), and per candidate S what a build would make."""
+    import pandas as pd
+
+    parts = {"characters": stats["chars"]}
+    for part in ("prompt", "response", "total"):
+        if "tokens" in stats:
+            parts[f"{part} tokens"] = stats["tokens"][part]
+    lengths = pd.DataFrame.from_dict(parts, orient="index")
+    if "ladder" not in stats:
+        return lengths, None
+    rows = {r["seq_length"]: {"whole": r["whole_fraction"], "dropped": r["dropped"],
+                              "truncated": r["truncated"],
+                              **{f"{m} {k}": r["packing"][m][k] for m in MODES
+                                 for k in ("docs", "efficiency")}}
+            for r in stats["ladder"]}
+    ladder = pd.DataFrame.from_dict(rows, orient="index")
+    ladder.index.name = "S"
+    return lengths, ladder
 
 
 # -- what people read ----------------------------------------------------------------------------
@@ -485,3 +519,16 @@ def _ladder_table(stats: dict) -> str:
 
 def _reasons(by: dict) -> str:
     return (" (" + ", ".join(f"{k}: {v:,}" for k, v in by.items()) + ")") if by else ""
+
+
+class _Module(types.ModuleType):
+    """``sftprep.stats`` names this module (``from sftprep import stats`` in the package and
+    its tests) and is the API's ``sftprep.stats(...)`` too: calling the module runs
+    ``api.stats``."""
+
+    def __call__(self, config=None, **options):
+        from sftprep.api import stats as run_stats
+        return run_stats(config, **options)
+
+
+sys.modules[__name__].__class__ = _Module
