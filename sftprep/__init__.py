@@ -35,7 +35,10 @@ def __getattr__(name: str):
         return getattr(api, name)
     if name == "stats":
         import importlib
-        return importlib.import_module("sftprep.stats")
+
+        from sftprep.quiet import imports
+        with imports():  # the module imports Ray
+            return importlib.import_module("sftprep.stats")
     if name == "BuildConfig":
         from sftprep.config import BuildConfig
         return BuildConfig

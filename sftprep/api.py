@@ -15,16 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from sftprep import config as config_module
 from sftprep.config import BuildConfig, ConfigError, naming
 from sftprep.errors import Error, Invalid, did_you_mean, user_error
-
-RAY_LOGGERS = ("ray", "ray.data")
-
 
 # -- configuration from keywords -----------------------------------------------------------------
 
@@ -65,36 +61,30 @@ def user_errors():
 
 
 @contextlib.contextmanager
-def kept_process():
-    """Run a Ray job and leave the process as it was: Ray Data's current ``DataContext`` (the
-    job changes a copy), the levels, handlers and formats of Ray's loggers, and no Ray runtime
-    left running that this call started (one it joined is left alone; a lost one is not shut
-    down, which would wait on it)."""
-    import ray
-    import ray.data
+def kept_process(verbose: bool = False):
+    """Run a Ray job quietly (``sftprep.quiet``) and leave the process as it was: Ray Data's
+    current ``DataContext`` (the job changes a copy), Ray's loggers, and no Ray runtime left
+    running that this call started (one it joined is left alone; a lost one is not shut down,
+    which would wait on it)."""
+    from sftprep.quiet import quiet
 
-    from sftprep.pipeline import RuntimeLost
+    with quiet(verbose):
+        import ray
+        import ray.data
 
-    loggers = [logging.getLogger(n) for n in RAY_LOGGERS]
-    saved = [(lg, lg.level, list(lg.handlers), [(h, h.level, h.formatter) for h in lg.handlers])
-             for lg in loggers]
-    started = not ray.is_initialized()
-    lost = False
-    try:
-        with ray.data.DataContext.current(ray.data.DataContext.get_current().copy()):
-            yield
-    except RuntimeLost:
-        lost = True
-        raise
-    finally:
-        if started and not lost and ray.is_initialized():
-            ray.shutdown()
-        for lg, level, handlers, states in saved:
-            lg.setLevel(level)
-            lg.handlers[:] = handlers
-            for h, h_level, formatter in states:
-                h.setLevel(h_level)
-                h.setFormatter(formatter)
+        from sftprep.pipeline import RuntimeLost
+
+        started = not ray.is_initialized()
+        lost = False
+        try:
+            with ray.data.DataContext.current(ray.data.DataContext.get_current().copy()):
+                yield
+        except RuntimeLost:
+            lost = True
+            raise
+        finally:
+            if started and not lost and ray.is_initialized():
+                ray.shutdown()
 
 
 # -- build ---------------------------------------------------------------------------------------
@@ -163,13 +153,13 @@ def _demo_defaults(config: Any, options: dict) -> dict | None:
 
 def run_build(cfg: BuildConfig, out=None) -> dict:
     """Run a configured build with sftprep's progress on ``out``; return the manifest."""
-    from sftprep import pipeline
     from sftprep.progress import Progress
 
     progress = Progress(None if cfg.run.progress else "off", out)
     manifest = None
     try:
-        with kept_process():
+        with kept_process(cfg.run.verbose):
+            from sftprep import pipeline
             manifest = pipeline.build(cfg, on_progress=progress)
     finally:
         progress.close(manifest and manifest["summary"])
@@ -204,11 +194,13 @@ class StatsResult:
 def stats(config: str | Any = None, **options: Any) -> StatsResult:
     """Length statistics of SFT data, and what a build at ``seq_length`` would make of it;
     keywords as ``sftprep stats``'s options (``input=``, ``tokenizer=``, ``seq_length=``, ...)."""
-    from sftprep import stats as stats_module
+    from sftprep.quiet import imports
 
+    with imports():  # the module imports Ray
+        from sftprep import stats as stats_module
     with user_errors():
         cfg = configure(stats_module.StatsConfig, config, options)
-        with naming("python", cfg), kept_process():
+        with naming("python", cfg), kept_process(cfg.run.verbose):
             result, lengths = stats_module.measure(cfg)
     figure = (stats_module.histogram_figure(lengths.tokens, result)
               if "tokens" in result and stats_module._have_matplotlib() else None)
@@ -240,6 +232,21 @@ def inspect(prefix: str, doc: int = 0, tokenizer: str | None = None,
     """Document ``doc`` of the files at ``prefix`` (the build's output prefix, the files'
     prefix or one file's name), decoded with the manifest's tokenizer (or ``tokenizer``);
     ``color``: trained text in green in ``text`` (for a terminal), else marked ⟦…⟧."""
+    with naming("python"):
+        return document(prefix, doc, tokenizer, color)
+
+
+def verify(prefix: str, tokenizer: str | None = None, trainer_mode: str = "any") -> dict:
+    """Check every invariant of the SFT layout; return the figures (documents, samples,
+    tokens, pad, S, and ``trainer``: what each trainer mode meets). Raises
+    ``sftprep.Invalid`` (an ``Error``) at the first violation, or when the files are not
+    safe for ``trainer_mode`` (packed, unpacked or any)."""
+    with naming("python"):
+        return check(prefix, tokenizer, trainer_mode)
+
+
+def document(prefix: str, doc: int, tokenizer: str | None, color: bool) -> Document:
+    """``inspect`` for either interface (messages in the caller's ``naming``)."""
     from sftprep import idxmap, view
 
     with user_errors():
@@ -253,11 +260,8 @@ def inspect(prefix: str, doc: int = 0, tokenizer: str | None = None,
                         view.document_html(reader, doc, tok))
 
 
-def verify(prefix: str, tokenizer: str | None = None, trainer_mode: str = "any") -> dict:
-    """Check every invariant of the SFT layout; return the figures (documents, samples,
-    tokens, pad, S, and ``trainer``: what each trainer mode meets). Raises
-    ``sftprep.errors.Invalid`` (an ``Error``) at the first violation, or when the files are not
-    safe for ``trainer_mode`` (packed, unpacked or any)."""
+def check(prefix: str, tokenizer: str | None, trainer_mode: str) -> dict:
+    """``verify`` for either interface."""
     from sftprep import idxmap, trainer, view
 
     with user_errors():

@@ -1,7 +1,7 @@
 """The command line: ``sftprep build|stats|inspect|verify`` (also ``python -m sftprep`` and the
 thin ``jobs/*.py``), a layer over ``sftprep.api``.
 
-Flags come from the config tree; logs are quiet unless ``-v``; every way a command ends prints
+Flags come from the config tree; logs are quiet unless ``-v`` (``sftprep.quiet``); every way a command ends prints
 at most one line on stderr: a user error exits 2, files breaking the layout 1, Ctrl-C 130, a lost
 Ray runtime 1. An unknown option is one line with the closest valid one; abbreviations are
 refused (a later option could change what one means).
@@ -14,16 +14,11 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import sys
-import threading
 
 from sftprep.config import REQUIRED, flags, naming
 from sftprep.errors import Invalid, did_you_mean, user_error
 
-# Ray's C++ core writes its log lines ("[2026-01-01 12:00:00,000 E 123 123] core_worker.cc:..")
-# to the driver's log file in the session directory and, from warnings up, to stderr as well.
-RAY_NATIVE_LOG_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [IWE] \d+ \d+\] ")
 
 BUILD_DOC = """\
 Build Pai-Megatron-Patch SFT training files from JSON/JSONL SFT data.
@@ -124,55 +119,7 @@ def parse(config_cls, description: str, argv: list[str], defaults: dict | None =
 
     args = vars(parser_for(config_cls, description, epilog, prog).parse_args(argv))
     yaml_path = args.pop("config", None)
-    config = configure(config_cls, yaml_path, None, {**(defaults or {}), **args})
-    if not config.run.verbose:
-        quiet()
-    return config
-
-
-def quiet() -> None:
-    """Hide library log noise on the terminal; ``--verbose`` skips this. The command line's
-    only: it changes the process (environment, fd 2), which a library call must not.
-
-    transformers: its advisories ("PyTorch was not found") and warnings, here and in every
-    process started from here (set before transformers is imported; the tokenizer actors never
-    import it). Ray's native core: its lines are dropped from
-    stderr (they are in the session's python-core-driver log). Ray's Python loggers and the
-    workers' output: ``pipeline.ensure_ray``.
-    """
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    _filter_native_stderr()
-
-
-_restore: list = []  # (the terminal's fd, the filter thread) to undo at exit
-
-
-def _filter_native_stderr() -> None:
-    """Route fd 2 through a thread that drops Ray's native log lines and passes the rest."""
-    read_fd, write_fd = os.pipe()
-    terminal = os.dup(2)
-    os.dup2(write_fd, 2)
-    os.close(write_fd)
-
-    def pump() -> None:
-        with os.fdopen(read_fd, "rb") as src, os.fdopen(terminal, "wb", buffering=0) as dst:
-            for line in src:
-                if not RAY_NATIVE_LOG_LINE.match(line):
-                    dst.write(line)
-
-    thread = threading.Thread(target=pump, name="stderr-filter", daemon=True)
-    thread.start()
-    _restore.append((terminal, thread))
-
-
-def _flush_stderr() -> None:
-    """Put the terminal back on fd 2 and let the filter pass what it still holds."""
-    sys.stderr.flush()
-    while _restore:
-        terminal, thread = _restore.pop()
-        os.dup2(terminal, 2)  # the pipe's last writer closes: the pump reads to the end
-        thread.join(timeout=5)
+    return configure(config_cls, yaml_path, None, {**(defaults or {}), **args})
 
 
 def run(main) -> None:
@@ -182,22 +129,21 @@ def run(main) -> None:
     temporary files by then), a lost Ray runtime 1; anything else is a bug and keeps its
     traceback.
     """
-    from sftprep.pipeline import RuntimeLost, abandon_local_runtime
-
     code = 0
     try:
         code = main() or 0
-    except RuntimeLost as e:  # Ray's exit handlers would wait on the dead runtime: skip them
-        print(f"error: {e}", file=sys.stderr)
-        _flush_stderr()
-        abandon_local_runtime()
-        os._exit(1)
     except KeyboardInterrupt:
         print("interrupted; nothing written", file=sys.stderr)
         code = 130
     except BrokenPipeError:  # `... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except Exception as e:  # unwrap errors raised inside Ray tasks and actors
+        pipeline = sys.modules.get("sftprep.pipeline")  # only a build imports it (and Ray)
+        if pipeline and isinstance(e, pipeline.RuntimeLost):
+            print(f"error: {e}", file=sys.stderr)  # Ray's exit handlers would wait on the
+            sys.stderr.flush()                     # dead runtime: skip them
+            pipeline.abandon_local_runtime()
+            os._exit(1)
         cause = user_error(e)
         if isinstance(cause, Invalid):
             print(f"invalid: {cause}", file=sys.stderr)
@@ -207,8 +153,6 @@ def run(main) -> None:
             code = 2
         else:
             raise
-    finally:
-        _flush_stderr()
     sys.exit(code)
 
 
@@ -238,7 +182,7 @@ def stats(argv: list[str], prog: str = "sftprep stats") -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     config = parse(stats_module.StatsConfig, STATS_DOC.split("\n")[0], argv, prog=prog)
-    with naming("cli", config), api.kept_process():
+    with naming("cli", config), api.kept_process(config.run.verbose):
         print(stats_module.summary_text(stats_module.run(config)))
 
 
@@ -263,7 +207,7 @@ def inspect_or_verify(command: str, argv: list[str], prog: str) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     if command == "verify":
-        figures = api.verify(args.prefix, args.tokenizer, args.trainer_mode)
+        figures = api.check(args.prefix, args.tokenizer, args.trainer_mode)
         print(f"ok: {figures['prefix']}: {figures['documents']:,} documents, "
               f"{figures['samples']:,} samples, {figures['tokens']:,} tokens, "
               f"{figures['pad']:,} pad, S={figures['seq_length']}")
@@ -271,7 +215,7 @@ def inspect_or_verify(command: str, argv: list[str], prog: str) -> int:
         return 0
     color = sys.stdout.isatty() if args.color is None else args.color
     for k in args.doc or [0]:
-        print(api.inspect(args.prefix, k, args.tokenizer, color=color).text)
+        print(api.document(args.prefix, k, args.tokenizer, color=color).text)
     return 0
 
 

@@ -204,7 +204,8 @@ _naming: contextvars.ContextVar = contextvars.ContextVar("naming", default=("cli
 def naming(style: str, config: Any = None):
     """Messages raised inside name options in ``style`` ("cli" or "python"), and the values
     ``config``'s YAML file set by that file and key."""
-    token = _naming.set((style, getattr(config, "from_file", {}), type(config)))
+    token = _naming.set((style, getattr(config, "from_file", {}),
+                         None if config is None else type(config)))
     try:
         yield
     finally:

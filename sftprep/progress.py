@@ -1,6 +1,6 @@
 """sftprep's own progress while a build runs: read tasks done of all, with the figures so far.
 
-On a terminal and in a notebook it is one ``tqdm.auto`` bar (a widget in Jupyter); piped or
+On a terminal and in a notebook it is one tqdm bar (a widget in Jupyter with ipywidgets); piped or
 redirected, a plain line every ``LINE_SECONDS``. The build's final figures are the last update,
 so the last line agrees with the summary (a packer holds samples back until the end, so the
 figures in flight lag behind). Ray Data's own bars are off unless ``--verbose``
@@ -69,10 +69,23 @@ class Progress:
 
     def _bar(self, p: dict) -> None:
         if self.bar is None:
-            from tqdm.auto import tqdm
-            self.bar = tqdm(total=p.get("read_tasks_total"), desc="[sftprep] read tasks",
+            self.bar = _tqdm()(total=p.get("read_tasks_total"), desc="[sftprep] read tasks",
                             unit=" tasks", file=self.out, dynamic_ncols=True, leave=True)
         if p.get("read_tasks") is not None:
             self.bar.n = p["read_tasks"]
         self.bar.set_postfix_str(report.progress_figures(p), refresh=False)
         self.bar.refresh()
+
+
+def _tqdm():
+    """tqdm's notebook widget in Jupyter when ipywidgets is there, else its text bar (what
+    ``tqdm.auto`` picks, without its warning when ipywidgets is missing)."""
+    if in_notebook():
+        try:
+            import ipywidgets  # noqa: F401
+            from tqdm.notebook import tqdm
+            return tqdm
+        except ImportError:
+            pass
+    from tqdm.std import tqdm
+    return tqdm

@@ -19,6 +19,8 @@ sequential 3 (67%), bfd 3 (67%).
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import os
 import sys
@@ -413,12 +415,11 @@ def histogram(tokens: np.ndarray, stats: dict, path: str) -> None:
 
 def histogram_figure(tokens: np.ndarray, stats: dict):
     """Histogram of total token lengths with ``S`` (and the recommended S) marked: a matplotlib
-    ``Figure`` of its own (no pyplot state), which a notebook shows inline."""
+    ``Figure`` of its own (no pyplot state) that a notebook shows inline."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     S, best = stats["seq_length"], stats["recommended_seq_length"]
-    fig = Figure(figsize=(9, 4.8))
+    fig = _inline_figure()(figsize=(9, 4.8))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     ax.hist(tokens, bins=min(100, max(10, len(tokens) // 20)), color="#4c72b0")
@@ -434,6 +435,20 @@ def histogram_figure(tokens: np.ndarray, stats: dict):
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+@functools.cache
+def _inline_figure() -> type:
+    """``Figure`` that IPython displays as PNG itself: without pyplot (and its inline backend)
+    a notebook would show a bare Figure as ``<Figure size 900x480 with 1 Axes>``."""
+    from matplotlib.figure import Figure
+
+    class InlineFigure(Figure):
+        def _repr_png_(self) -> bytes:
+            out = io.BytesIO()
+            self.savefig(out, format="png", dpi=80)
+            return out.getvalue()
+    return InlineFigure
 
 
 def tables(stats: dict) -> tuple:
