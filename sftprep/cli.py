@@ -1,9 +1,9 @@
 """The command line: ``sftprep build|stats|inspect|verify`` (also ``python -m sftprep`` and the
 thin ``jobs/*.py``), a layer over ``sftprep.api``.
 
-Flags come from the config tree; logs are quiet unless ``-v`` (``sftprep.quiet``); every way a command ends prints
-at most one line on stderr: a user error exits 2, files breaking the layout 1, Ctrl-C 130, a lost
-Ray runtime 1. An unknown option is one line with the closest valid one; abbreviations are
+Flags come from the config tree; logs are quiet unless ``-v`` (``sftprep.quiet``); every way a
+command ends prints at most one line on stderr: a user error exits 2, files breaking the layout
+1, Ctrl-C 130, a lost Ray runtime 1. An unknown option is one line with the closest valid one; abbreviations are
 refused (a later option could change what one means).
 """
 
@@ -190,8 +190,7 @@ def inspect_or_verify(command: str, argv: list[str], prog: str) -> int:
     """``inspect PREFIX [--doc K]`` and ``verify PREFIX``: they read files, never start Ray."""
     from sftprep import api, trainer
 
-    p = Parser(prog=prog, description={"inspect": "print documents decoded, trained text marked",
-                                       "verify": "check every invariant of the SFT layout"}[command])
+    p = Parser(prog=prog, description=COMMANDS[command])
     p.add_argument("prefix", help="the files' prefix, e.g. output/demo_text_document "
                    "(the build's --output-prefix, or a file's name, works too)")
     p.add_argument("--tokenizer", help="tokenizer directory (default: the manifest's)")

@@ -255,23 +255,25 @@ def validate(config: BuildConfig, need_tokenizer: bool = True, need_output: bool
     """Raise ``ConfigError`` naming the first invalid value and the fix."""
     src, tpl = config.source, config.template
     if not src.inputs:
-        raise ConfigError(f"no input: give {option('source.inputs', 'PATH')} (repeatable) or source.inputs "
-                          "in a YAML config")
+        raise ConfigError(f"no input: give {option('source.inputs', 'PATH')} (repeatable) or "
+                          "source.inputs in a YAML config")
     if src.format not in ("auto", "alpaca", "messages", "sharegpt"):
-        raise ConfigError(f"{given('source.format', src.format)}: choose auto, alpaca, messages or sharegpt")
+        raise ConfigError(f"{given('source.format', src.format)}: choose auto, alpaca, "
+                          "messages or sharegpt")
     if src.on_error not in ("fail", "skip"):
         raise ConfigError(f"{given('source.on_error', src.on_error)}: choose fail or skip")
     if src.split_bytes is not None and (not isinstance(src.split_bytes, int)
                                         or src.split_bytes < 0):
-        raise ConfigError(f"{given('source.split_bytes', src.split_bytes)}: must be an integer >= 0 "
-                          "(0: one read task per file)")
+        raise ConfigError(f"{given('source.split_bytes', src.split_bytes)}: must be an "
+                          "integer >= 0 (0: one read task per file)")
     if need_tokenizer and tpl.tokenizer in (REQUIRED, None, ""):
-        raise ConfigError(f"no tokenizer: give {option('template.tokenizer', 'DIR')} (a Hugging Face "
-                          "tokenizer directory)")
+        raise ConfigError(f"no tokenizer: give {option('template.tokenizer', 'DIR')} (a "
+                          "Hugging Face tokenizer directory)")
     if tpl.tokenizer not in (REQUIRED, None, "") and not os.path.isdir(tpl.tokenizer):
         raise ConfigError(f"{given('template.tokenizer', tpl.tokenizer)} is not a directory")
     if not isinstance(tpl.seq_length, int) or tpl.seq_length < 2:
-        raise ConfigError(f"{given('template.seq_length', tpl.seq_length)}: must be an integer >= 2")
+        raise ConfigError(f"{given('template.seq_length', tpl.seq_length)}: must be an "
+                          "integer >= 2")
     if tpl.train_on not in ("all", "last"):
         raise ConfigError(f"{given('template.train_on', tpl.train_on)}: choose all or last")
     if tpl.backend not in ("auto", "hf"):
@@ -287,10 +289,12 @@ def validate(config: BuildConfig, need_tokenizer: bool = True, need_output: bool
         raise ConfigError(f"no output: give {option('output.prefix', 'P')} (writes "
                           "P_text_document.bin/.idx)")
     if need_output and (not isinstance(config.output.shards, int) or config.output.shards < 1):
-        raise ConfigError(f"{given('output.shards', config.output.shards)}: must be an integer >= 1")
+        raise ConfigError(f"{given('output.shards', config.output.shards)}: must be an "
+                          "integer >= 1")
     run = config.run
     if run.workers is not None and run.workers < 1:
         raise ConfigError(f"{given('run.workers', run.workers)}: must be >= 1")
-    for path, value in (("run.batch_size", run.batch_size), ("run.block_records", run.block_records)):
+    for path, value in (("run.batch_size", run.batch_size),
+                        ("run.block_records", run.block_records)):
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"{given(path, value)}: must be an integer >= 1")

@@ -52,10 +52,10 @@ def load_tokenizer(path: str, pad_token: str | None = None, chat_template: str |
     except Exception as e:  # transformers raises ValueError, OSError, JSON and key errors here
         raise ConfigError(_unloadable(path, e)) from None
     if not getattr(tok, "is_fast", False):  # transformers 4.x falls back to a Python tokenizer
-        raise ConfigError(f"{given('template.tokenizer', path, path)}: transformers loaded only a slow (Python) "
-                          f"{type(tok).__name__}; sftprep encodes with the fast one: give a "
-                          "directory with tokenizer.json, or install sentencepiece (or "
-                          "tiktoken) so transformers can convert this one")
+        raise ConfigError(f"{given('template.tokenizer', path, path)}: transformers loaded "
+                          f"only a slow (Python) {type(tok).__name__}; sftprep encodes with the "
+                          "fast one: give a directory with tokenizer.json, or install "
+                          "sentencepiece (or tiktoken) so transformers can convert this one")
     if pad_token:
         tok.add_special_tokens({"pad_token": pad_token})
     elif tok.pad_token is None:
@@ -76,7 +76,8 @@ def _unloadable(path: str, e: Exception) -> str:
     has = (f"it holds {', '.join(names[:8])}{', ...' if len(names) > 8 else ''}" if names
            else "it is empty")
     why = (str(e).strip().splitlines() or [""])[0].rstrip(" :")
-    return (f"{given('template.tokenizer', path, path)}: no Hugging Face tokenizer loads from this directory ({has}; "
+    return (f"{given('template.tokenizer', path, path)}: no Hugging Face tokenizer loads from "
+            f"this directory ({has}; "
             f"one needs tokenizer.json or the vocabulary files its tokenizer_config.json names): "
             f"{type(e).__name__}: {why}")
 

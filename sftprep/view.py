@@ -113,7 +113,8 @@ def document_html(reader: idxmap.IndexedReader, k: int, tokenizer) -> str:
     row = np.asarray(reader.document(k))
     ids, samples = sample_runs(row)
     head = describe_document(reader, k, tokenizer, False).split("\n", 1)[0]
-    parts = [f"<div><b>{html.escape(head.replace(TRAINED_PLAIN[0], '').replace(TRAINED_PLAIN[1], ''))}</b>"]
+    head = head.replace(TRAINED_PLAIN[0], "").replace(TRAINED_PLAIN[1], "")
+    parts = [f"<div><b>{html.escape(head)}</b>"]
     for n, (first, last, runs) in enumerate(samples):
         text = "".join((f'<mark style="background:#c8e6c9">{html.escape(piece)}</mark>' if t
                         else html.escape(piece))

@@ -4,12 +4,15 @@ command line that answers a typo in one line and shows only sftprep's own progre
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import pty
 import select
+import struct
 import subprocess
 import sys
+import termios
 
 import pytest
 
@@ -58,8 +61,8 @@ def test_command_line_typo_is_one_line_with_a_suggestion():
                                        "--seq-length?"),
             (["--seq-len=4096"], "error: unrecognized option --seq-len; did you mean "
                                  "--seq-length?"),  # no abbreviations
-            (["--seq-length", "1", "--input", "x", "--tokenizer", ROOT], "error: --seq-length 1: must be an "
-                                                    "integer >= 2")):
+            (["--seq-length", "1", "--input", "x", "--tokenizer", ROOT],
+             "error: --seq-length 1: must be an integer >= 2")):
         done = run(["-m", "sftprep", "build", *args], ROOT)
         assert (done.returncode, done.stderr.splitlines()) == (2, [line]), done.stderr
     done = run(["-m", "sftprep", "bulid"], ROOT)
@@ -151,7 +154,8 @@ def test_terminal_build_shows_one_bar_and_no_ray_data_bars(qwen_dir, tmp_path):
 
 def _on_a_terminal(args: list[str], cwd: str) -> str:
     parent, child = pty.openpty()
-    proc = subprocess.Popen(args, cwd=cwd, env={**ENV, "COLUMNS": "200"}, stdin=child,
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))  # 200 columns
+    proc = subprocess.Popen(args, cwd=cwd, env=ENV, stdin=child,
                             stdout=child, stderr=child, close_fds=True)
     os.close(child)
     out = b""
