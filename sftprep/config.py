@@ -110,7 +110,9 @@ class RunConfig:
     workers: int | None = opt(None, "tokenizer actors (default: the cluster's CPUs)", "--workers")
     batch_size: int = opt(256, "records per tokenizer batch", "--batch-size")
     block_records: int = opt(2048, "records per block read from a file", "--block-records")
-    progress: bool = opt(True, "show progress bars", "--progress")
+    progress: bool = opt(True, "show the build's progress: one bar on a terminal or in a "
+                         "notebook, a line every 10 s when piped (Ray Data's own bars: only "
+                         "with --verbose)", "--progress")
     verbose: bool = opt(False, "show the logs of Ray and transformers (hidden by default; Ray "
                         "keeps them in its session's log directory either way)", "--verbose",
                         short="-v")
