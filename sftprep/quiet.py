@@ -27,11 +27,14 @@ LOGGERS = ("ray", "ray.data", "transformers")
 def quiet(verbose: bool = False):
     """Quiet inside (nothing changes when ``verbose``); Ray's and transformers' loggers keep
     what they had on the way out either way (a job sets them: ``pipeline.ensure_ray``)."""
-    if not verbose:
-        with imports():
-            import ray  # noqa: F401  (its loggers exist from here: saved below, as found)
-            import ray.data  # noqa: F401
-    saved_loggers = [_logger_state(logging.getLogger(n)) for n in LOGGERS]
+    with contextlib.nullcontext() if verbose else imports():
+        import ray  # noqa: F401  (its loggers exist from here: saved below, as found)
+        import ray.data  # noqa: F401
+    # transformers' logger as it was; one its import sets up here gets the level it would have
+    # had without ENVIRONMENT (its handler stays: transformers adds it once per process)
+    had_transformers = "transformers" in sys.modules
+    saved_loggers = [_logger_state(logging.getLogger(n)) for n in LOGGERS
+                     if n != "transformers" or had_transformers]
     saved_env = {k: os.environ.get(k) for k in ENVIRONMENT}
     stack = contextlib.ExitStack()
     try:
@@ -52,6 +55,9 @@ def quiet(verbose: bool = False):
                 os.environ[k] = v
         for state in saved_loggers:
             _restore_logger(*state)
+        if not had_transformers and "transformers" in sys.modules and not verbose:
+            level = os.environ.get("TRANSFORMERS_VERBOSITY", "warning").upper()
+            logging.getLogger("transformers").setLevel(getattr(logging, level, logging.WARNING))
 
 
 @contextlib.contextmanager
