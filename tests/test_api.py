@@ -85,8 +85,10 @@ def test_installed_command_help():
 
 
 def _state() -> dict:
-    """What a build must leave as it found it: Ray Data's context and Ray's loggers."""
+    """What a build must leave as it found it: Ray Data's context and Ray's loggers (the
+    libraries imported first: what their import sets up stays, as any import's does)."""
     import ray.data
+    import transformers  # noqa: F401
     ctx = ray.data.DataContext.get_current()
     loggers = {n: (lg.level, [(type(h).__name__, h.level, h.formatter) for h in lg.handlers])
                for n in ("ray", "ray.data", "transformers") for lg in [logging.getLogger(n)]}
