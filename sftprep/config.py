@@ -14,6 +14,8 @@ Validation lives in ``validate`` only.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import os
 from dataclasses import dataclass, field
@@ -21,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from sftprep.errors import Error, did_you_mean
 from sftprep.packing import MODES
 
 REQUIRED = "<required>"
@@ -123,7 +126,9 @@ class RunConfig:
     workers: int | None = opt(None, "tokenizer actors (default: the cluster's CPUs)", "--workers")
     batch_size: int = opt(256, "records per tokenizer batch", "--batch-size")
     block_records: int = opt(2048, "records per block read from a file", "--block-records")
-    progress: bool = opt(True, "show progress bars", "--progress")
+    progress: bool = opt(True, "show the build's progress: one bar on a terminal or in a "
+                         "notebook, a line every 10 s when piped (Ray Data's own bars: only "
+                         "with --verbose)", "--progress")
     verbose: bool = opt(False, "show the logs of Ray and transformers (hidden by default; Ray "
                         "keeps them in its session's log directory either way)", "--verbose",
                         short="-v")
@@ -155,7 +160,7 @@ class BuildConfig:
         return dataclasses.asdict(self)
 
 
-class ConfigError(ValueError):
+class ConfigError(Error, ValueError):
     """A configuration value is missing or invalid; the message says which and how to fix it."""
 
 
@@ -171,27 +176,35 @@ def flags(config_cls: type = BuildConfig) -> list[tuple[str, str, dataclasses.Fi
 
 def load(cls: type = BuildConfig, yaml_path: str | None = None,
          overrides: dict[str, Any] | None = None) -> Any:
-    """Defaults, then the YAML file, then ``overrides`` (``{"template.seq_length": 4096}``)."""
+    """Defaults, then the YAML file, then ``overrides`` (``{"template.seq_length": 4096}``).
+
+    The config remembers which values its YAML file set (``config.from_file``), so that a
+    message about one names the file and key the user wrote."""
     config = cls()
+    config.from_file = {}
     if yaml_path:
         with open(yaml_path, encoding="utf-8") as f:
             data = yaml.safe_load(f) or {}
         for section, values in data.items():
             if not hasattr(config, section) or not isinstance(values, dict):
+                names = [f.name for f in dataclasses.fields(cls)]
                 raise ConfigError(f"{yaml_path}: unknown section {section!r}; sections are "
-                                  f"{', '.join(f.name for f in dataclasses.fields(cls))}")
+                                  f"{', '.join(names)}" + did_you_mean(str(section), names))
             for key, value in values.items():
                 _set(config, f"{section}.{key}", value, yaml_path)
+                config.from_file[f"{section}.{key}"] = yaml_path
     for path, value in (overrides or {}).items():
         _set(config, path, value, "command line")
+        config.from_file.pop(path, None)
     return config
 
 
 def _set(config: Any, path: str, value: Any, origin: str) -> None:
-    section, key = path.split(".")
-    target = getattr(config, section)
-    if key not in {f.name for f in dataclasses.fields(target)}:
-        raise ConfigError(f"{origin}: unknown option {path!r}")
+    section, _, key = path.partition(".")
+    target = getattr(config, section, None) if key else None
+    if target is None or key not in {f.name for f in dataclasses.fields(target)}:
+        paths = [p for p, _ in options(type(config)).values()]
+        raise ConfigError(f"{origin}: unknown option {path!r}" + did_you_mean(path, paths))
     if key == "inputs" and isinstance(value, str):
         value = [value]
     setattr(target, key, value)
@@ -220,57 +233,136 @@ def _check_source(where: str, entry: Any) -> None:
                               + ("a number > 0" if k == "fraction" else "an integer >= 1"))
 
 
+# -- naming options as the user wrote them ------------------------------------------------------
+
+def options(config_cls: type = BuildConfig) -> dict[str, tuple[str, dataclasses.Field]]:
+    """``{keyword: (dotted path, field)}`` for every field: the Python API's keyword is the
+    flag without ``--`` (``seq_length`` for ``--seq-length``), else the field's name."""
+    out = {}
+    for section in dataclasses.fields(config_cls):
+        for f in dataclasses.fields(section.default_factory):
+            flag = f.metadata.get("flag")
+            out[flag[2:].replace("-", "_") if flag else f.name] = (f"{section.name}.{f.name}", f)
+    return out
+
+
+# How the current call's user names options: "cli" (--seq-length 4096) or "python"
+# (seq_length=4096), and the values a YAML file set ({"template.seq_length": "c.yaml"}).
+_naming: contextvars.ContextVar = contextvars.ContextVar("naming", default=("cli", {}, None))
+
+
+@contextlib.contextmanager
+def naming(style: str, config: Any = None):
+    """Messages raised inside name options in ``style`` ("cli" or "python"), and the values
+    ``config``'s YAML file set by that file and key."""
+    token = _naming.set((style, getattr(config, "from_file", {}),
+                         None if config is None else type(config)))
+    try:
+        yield
+    finally:
+        _naming.reset(token)
+
+
+def option(path: str, metavar: str = "") -> str:
+    """How the user sets ``path`` (``--tokenizer DIR``, ``tokenizer=DIR``)."""
+    style, _, cls = _naming.get()
+    field_ = _field(cls or BuildConfig, path)
+    flag = field_.metadata.get("flag") if field_ else None
+    if style == "python":
+        return f"{flag[2:].replace('-', '_') if flag else path.split('.')[1]}={metavar}"
+    if not flag:  # YAML only
+        return f"{path}: {metavar}" if metavar else path
+    return f"{flag} {metavar}".rstrip()
+
+
+def given(path: str, value: Any, show: str | None = None) -> str:
+    """The option and the value the user gave: ``--seq-length 1`` on the command line,
+    ``seq_length=1`` in Python, ``c.yaml: template.seq_length: 1`` from a file. ``show``: the
+    value as the command line prints it (default: its repr)."""
+    style, files, _ = _naming.get()
+    if path in files:
+        return f"{files[path]}: {path}: {value!r}"
+    if style == "python":
+        return option(path, repr(value))
+    return option(path, repr(value) if show is None else show)
+
+
+def named(keyword: str, value: Any) -> str:
+    """An option that is no config field (``inspect``'s ``doc``) as the user gave it."""
+    if _naming.get()[0] == "python":
+        return f"{keyword}={value!r}"
+    return f"--{keyword.replace('_', '-')} {value}"
+
+
+def _field(cls: type, path: str) -> dataclasses.Field | None:
+    section, _, key = path.partition(".")
+    for s in dataclasses.fields(cls):
+        if s.name == section:
+            return next((f for f in dataclasses.fields(s.default_factory) if f.name == key), None)
+    return None
+
+
 def validate(config: BuildConfig, need_tokenizer: bool = True, need_output: bool = True) -> None:
     """Raise ``ConfigError`` naming the first invalid value and the fix."""
     src, tpl = config.source, config.template
     if not src.inputs:
-        raise ConfigError("no input: give --input PATH (repeatable) or source.inputs in YAML")
+        raise ConfigError(f"no input: give {option('source.inputs', 'PATH')} (repeatable) or "
+                          "source.inputs in a YAML config")
     for k, entry in enumerate(src.inputs):
         _check_source(f"source.inputs[{k}]", entry)
     if not isinstance(src.seed, int) or isinstance(src.seed, bool):
-        raise ConfigError(f"--seed {src.seed!r}: must be an integer")
+        raise ConfigError(f"{given('source.seed', src.seed)}: must be an integer")
     if src.format not in ("auto", "alpaca", "messages", "sharegpt"):
-        raise ConfigError(f"--format {src.format!r}: choose auto, alpaca, messages or sharegpt")
+        raise ConfigError(f"{given('source.format', src.format)}: choose auto, alpaca, "
+                          "messages or sharegpt")
     if src.on_error not in ("fail", "skip"):
-        raise ConfigError(f"--on-error {src.on_error!r}: choose fail or skip")
+        raise ConfigError(f"{given('source.on_error', src.on_error)}: choose fail or skip")
     if src.split_bytes is not None and (not isinstance(src.split_bytes, int)
                                         or src.split_bytes < 0):
-        raise ConfigError(f"--split-bytes {src.split_bytes!r}: must be an integer >= 0 "
-                          "(0: one read task per file)")
+        raise ConfigError(f"{given('source.split_bytes', src.split_bytes)}: must be an "
+                          "integer >= 0 (0: one read task per file)")
     if need_tokenizer and tpl.tokenizer in (REQUIRED, None, ""):
-        raise ConfigError("no tokenizer: give --tokenizer DIR, an oss:// or s3:// directory, or "
-                          "a hub id such as Qwen/Qwen3-8B")
+        raise ConfigError(f"no tokenizer: give {option('template.tokenizer', 'DIR')} (a "
+                          "directory), an oss:// or s3:// directory, or a hub id such as "
+                          "Qwen/Qwen3-8B")
     if tpl.tokenizer not in (REQUIRED, None, ""):
         from sftprep import tokenizer_files  # it needs ConfigError from here
         tokenizer_files.check(tpl.tokenizer)
     if not isinstance(tpl.seq_length, int) or tpl.seq_length < 2:
-        raise ConfigError(f"--seq-length {tpl.seq_length!r}: must be an integer >= 2")
+        raise ConfigError(f"{given('template.seq_length', tpl.seq_length)}: must be an "
+                          "integer >= 2")
     if tpl.train_on not in ("all", "last"):
-        raise ConfigError(f"--train-on {tpl.train_on!r}: choose all or last")
+        raise ConfigError(f"{given('template.train_on', tpl.train_on)}: choose all or last")
     if tpl.overlong not in ("truncate", "drop"):
-        raise ConfigError(f"--overlong {tpl.overlong!r}: choose truncate or drop")
+        raise ConfigError(f"{given('template.overlong', tpl.overlong)}: choose truncate or drop")
     if tpl.reasoning_turns not in ("keep", "split"):
-        raise ConfigError(f"--reasoning-turns {tpl.reasoning_turns!r}: choose keep or split")
+        raise ConfigError(f"{given('template.reasoning_turns', tpl.reasoning_turns)}: choose "
+                          "keep or split")
     if tpl.backend not in ("auto", "hf"):
-        raise ConfigError(f"--tokenizer-backend {tpl.backend!r}: choose auto or hf")
+        raise ConfigError(f"{given('template.backend', tpl.backend)}: choose auto or hf")
     if tpl.chat_template and not os.path.isfile(tpl.chat_template):
-        raise ConfigError(f"--chat-template {tpl.chat_template!r} is not a file")
+        raise ConfigError(f"{given('template.chat_template', tpl.chat_template)} is not a file")
     if config.packing.mode not in MODES:
-        raise ConfigError(f"--packing {config.packing.mode!r}: choose one of {', '.join(MODES)}")
+        raise ConfigError(f"{given('packing.mode', config.packing.mode)}: choose one of "
+                          f"{', '.join(MODES)}")
     if config.packing.window < 1:
-        raise ConfigError(f"--pack-window {config.packing.window}: must be >= 1")
+        raise ConfigError(f"{given('packing.window', config.packing.window)}: must be >= 1")
     if need_output and config.output.prefix in (REQUIRED, None, ""):
-        raise ConfigError("no output: give --output-prefix P (writes P_text_document.bin/.idx)")
+        raise ConfigError(f"no output: give {option('output.prefix', 'P')} (writes "
+                          "P_text_document.bin/.idx)")
     if need_output and (not isinstance(config.output.shards, int) or config.output.shards < 1):
-        raise ConfigError(f"--shards {config.output.shards!r}: must be an integer >= 1")
+        raise ConfigError(f"{given('output.shards', config.output.shards)}: must be an "
+                          "integer >= 1")
     trainer = getattr(config, "trainer", None)  # the stats job's config has none
     if trainer is not None:
-        for flag, value in (("--epochs", trainer.epochs),
-                            ("--global-batch-size", trainer.global_batch_size)):
+        for path, value in (("trainer.epochs", trainer.epochs),
+                            ("trainer.global_batch_size", trainer.global_batch_size)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{flag} {value!r}: must be an integer >= 1")
+                raise ConfigError(f"{given(path, value)}: must be an integer >= 1")
     run = config.run
     if run.workers is not None and run.workers < 1:
-        raise ConfigError(f"--workers {run.workers}: must be >= 1")
-    if run.batch_size < 1 or run.block_records < 1:
-        raise ConfigError("--batch-size and --block-records must be >= 1")
+        raise ConfigError(f"{given('run.workers', run.workers)}: must be >= 1")
+    for path, value in (("run.batch_size", run.batch_size),
+                        ("run.block_records", run.block_records)):
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{given(path, value)}: must be an integer >= 1")

@@ -48,6 +48,7 @@ CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 HEADER = struct.Struct("<9sQBQQ")
 IGNORE_INDEX = -100
 SFT_DTYPE = np.dtype(np.int32)
+MANIFEST = ".manifest.json"  # beside the pair: what the build wrote, read by inspect/verify
 
 
 def bin_path(prefix: str) -> str:

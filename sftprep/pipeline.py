@@ -56,7 +56,6 @@ MAX_BLOCKS_IN_FLIGHT = 4
 # Ray Data merges a read task's output into blocks of up to 128 MiB by default: hundreds of
 # thousands of records per tokenizer task, coarse progress and a long redo when an actor dies.
 BLOCK_BYTES = 8 << 20
-PROGRESS_SECONDS = 10.0
 # Ray Data reads ahead as far as its share of the object store allows (half the store, which
 # is 30% of RAM by default): a 1M-sample build held 0.9 GB of records there, ten times what
 # 100k held. This many blocks per CPU keep every tokenizer fed, whatever the input size.
@@ -125,6 +124,9 @@ class LocalRuntimeWatch:
         self.interval = interval
         self.lost: str | None = None
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # no interrupt once stop() has returned
+        # A build called from another thread is not the main thread's to interrupt.
+        self._interrupt = threading.current_thread() is threading.main_thread()
         node = ray._private.worker._global_node  # set only when this process started Ray
         running = node.all_processes if node is not None else {}
         self._processes = [(kind, info.process) for kind in self.WATCHED
@@ -136,14 +138,19 @@ class LocalRuntimeWatch:
         return self
 
     def stop(self) -> None:
-        self._stop.set()
+        with self._lock:
+            self._stop.set()
 
     def _watch(self) -> None:
         while not self._stop.wait(self.interval):
             for kind, process in self._processes:
                 if process.poll() is not None:
-                    self.lost = kind
-                    _thread.interrupt_main()
+                    with self._lock:
+                        if self._stop.is_set():
+                            return
+                        self.lost = kind
+                        if self._interrupt:
+                            _thread.interrupt_main()
                     return
 
 
@@ -246,7 +253,8 @@ def record_dataset(config: BuildConfig, plan: list[ReadRange]) -> ray.data.Datas
         ctx.execution_options.resource_limits,
         max(2, int(cluster_cpus())) * STORE_BLOCKS_PER_CPU * BLOCK_BYTES)
     ctx.target_max_block_size = BLOCK_BYTES
-    ctx.enable_progress_bars = progress_bars(config.run.progress)
+    # Ray Data's own bars only with --verbose: sftprep shows its own (``progress``)
+    ctx.enable_progress_bars = progress_bars(config.run.progress and config.run.verbose)
     options = resolve_options([r.url for r in plan], config.source.storage_options)
     return read_datasource(RecordSource(plan, options, config.run.block_records), READ_CPUS)
 
@@ -315,7 +323,8 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
     watch = LocalRuntimeWatch().start()
     try:
         reach = task_reach([r.pass_key for r in plan], task_ranges(task_shard, len(writers)))
-        feed(tokenized_dataset(config, plan, setup=setup), writers, reach, on_progress, started)
+        feed(tokenized_dataset(config, plan, setup=setup), writers, reach, on_progress, started,
+             len(plan))
         elapsed = time.time() - started
         checks = " and ".join([*(["HF re-encoded"] if setup.backend == "fast" else []),
                                *(["Jinja re-rendered"] if setup.renderer == "traced" else [])])
@@ -434,25 +443,24 @@ def start_writers(config: BuildConfig, files: list[InputFile], plan: list[ReadRa
 
 
 def feed(ds: ray.data.Dataset, writers: list, reach: list[tuple[int, int]],
-         on_progress: Callable[[dict], None] | None, started: float) -> None:
+         on_progress: Callable[[dict], None] | None, started: float, tasks: int = 0) -> None:
     """Hand every block, in input order, to the writer(s) whose ``reach`` (``shards.task_reach``)
-    its rows fall in; the writers' answers give the progress. With one writer no routing is
-    needed; with several, a zero-CPU task names each block's first and last read task."""
+    its rows fall in; the writers' answers give the progress (of ``tasks`` read tasks), reported
+    after every block (``sftprep.progress`` decides how often to show it). With one writer no
+    routing is needed; with several, a zero-CPU task names each block's first and last read
+    task."""
     in_flight: deque = deque()
     spans: deque = deque()
     latest = [{} for _ in writers]
-    last_report = None  # the first block written is reported, then every PROGRESS_SECONDS
 
     def settle(limit: int) -> None:
-        nonlocal last_report
         while len(in_flight) > limit:
             k, ref = in_flight.popleft()
             latest[k] = ray.get(ref)
-            if on_progress and (last_report is None
-                                or time.time() - last_report > PROGRESS_SECONDS):
+            if on_progress:
                 total = {key: sum(p.get(key, 0) for p in latest) for key in latest[k]}
-                on_progress({**total, "seconds": time.time() - started})
-                last_report = time.time()
+                on_progress({**total, "read_tasks_total": tasks,
+                             "seconds": time.time() - started})
 
     def send(block_ref, targets) -> None:
         for k in targets:

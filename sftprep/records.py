@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import orjson
 
+from sftprep.errors import Error
+
 FORMATS = ("alpaca", "messages", "sharegpt")
 ROLES = ("system", "user", "assistant", "tool")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -27,7 +29,7 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
                    "tool": "tool"}
 
 
-class RecordError(ValueError):
+class RecordError(Error, ValueError):
     """A record that cannot be used. ``reason`` is a short category, ``detail`` says what and how
     to fix it."""
 

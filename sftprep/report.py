@@ -13,9 +13,14 @@ def _n(x) -> str:
 
 def progress_line(p: dict) -> str:
     """Tokens per second would mislead here: a packer may hold a window of samples unwritten."""
-    return (f"[sftprep] {p.get('seconds', 0):.0f}s: {_n(p['records'])} records, "
-            f"{_n(p['samples'])} samples in; {_n(p['documents'])} documents, "
-            f"{_n(p['tokens'])} tokens written")
+    tasks = (f"{_n(p['read_tasks'])} of {_n(p['read_tasks_total'])} read tasks done, "
+             if p.get("read_tasks_total") else "")
+    return f"[sftprep] {p.get('seconds', 0):.0f}s: {tasks}{progress_figures(p)}"
+
+
+def progress_figures(p: dict) -> str:
+    return (f"{_n(p['records'])} records, {_n(p['samples'])} samples in; "
+            f"{_n(p['documents'])} documents, {_n(p['tokens'])} tokens written")
 
 
 def summary_text(manifest: dict) -> str:

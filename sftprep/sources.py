@@ -47,6 +47,7 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
+from sftprep.errors import Error
 from sftprep.storage import filesystem
 
 EXTENSIONS = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".parquet")
@@ -63,7 +64,7 @@ READS_PER_CPU = 4
 MIN_SPLIT = 32 << 20
 
 
-class InputError(ValueError):
+class InputError(Error, ValueError):
     """An input path matched nothing readable; the message names it."""
 
 

@@ -19,8 +19,12 @@ sequential 3 (67%), bfd 3 (67%).
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import os
+import sys
+import types
 from collections import Counter
 from dataclasses import dataclass, field, fields
 
@@ -31,7 +35,7 @@ import ray
 
 from sftprep import pipeline
 from sftprep.config import (ConfigError, PackingConfig, RunConfig, SourceConfig, TemplateConfig,
-                            TOKENIZER_HELP, opt, validate)
+                            TOKENIZER_HELP, given, opt, validate)
 from sftprep.packing import MODES, Piece, make_packer
 from sftprep.records import RecordError, parse_group
 from sftprep.sources import ORIGIN, Origins, ReadRange, expand_inputs
@@ -101,7 +105,7 @@ def validate_stats(config: StatsConfig) -> None:
     validate(config, need_tokenizer=False, need_output=False)
     ladder = config.output.ladder
     if not isinstance(ladder, list) or not all(isinstance(x, int) and x >= 2 for x in ladder):
-        raise ConfigError(f"output.ladder {ladder!r}: must be a list of integers >= 2")
+        raise ConfigError(f"{given('output.ladder', ladder)}: must be a list of integers >= 2")
 
 
 # -- the stage -----------------------------------------------------------------------------------
@@ -377,6 +381,11 @@ def source_lengths(lengths: SampleLengths, config: StatsConfig) -> dict:
 
 def run(config: StatsConfig) -> dict:
     """Run the statistics job; write ``stats.json`` and the histogram if ``output.dir`` is set."""
+    return measure(config)[0]
+
+
+def measure(config: StatsConfig) -> tuple[dict, SampleLengths]:
+    """``run``'s statistics, and the per-sample lengths they come from (for a plot)."""
     validate_stats(config)
     files = expand_inputs(config.source.inputs, config.source.storage_options)
     out_dir = config.output.dir
@@ -423,7 +432,7 @@ def run(config: StatsConfig) -> dict:
             histogram(lengths.tokens, stats, os.path.join(out_dir, HISTOGRAM))
         stats["files"] = sorted(os.path.join(out_dir, n) for n in os.listdir(out_dir)
                                 if n in (STATS_JSON, HISTOGRAM, BAD_RECORDS))
-    return stats
+    return stats, lengths
 
 
 def _have_matplotlib() -> bool:
@@ -436,12 +445,16 @@ def _have_matplotlib() -> bool:
 
 
 def histogram(tokens: np.ndarray, stats: dict, path: str) -> None:
-    """Histogram of total token lengths with ``S`` (and the recommended S) marked."""
+    histogram_figure(tokens, stats).savefig(path, dpi=110)
+
+
+def histogram_figure(tokens: np.ndarray, stats: dict):
+    """Histogram of total token lengths with ``S`` (and the recommended S) marked: a matplotlib
+    ``Figure`` of its own (no pyplot state) that a notebook shows inline."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     S, best = stats["seq_length"], stats["recommended_seq_length"]
-    fig = Figure(figsize=(9, 4.8))
+    fig = _inline_figure()(figsize=(9, 4.8))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     ax.hist(tokens, bins=min(100, max(10, len(tokens) // 20)), color="#4c72b0")
@@ -456,7 +469,43 @@ def histogram(tokens: np.ndarray, stats: dict, path: str) -> None:
     ax.set_ylabel("samples")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    return fig
+
+
+@functools.cache
+def _inline_figure() -> type:
+    """``Figure`` that IPython displays as PNG itself: without pyplot (and its inline backend)
+    a notebook would show a bare Figure as ``<Figure size 900x480 with 1 Axes>``."""
+    from matplotlib.figure import Figure
+
+    class InlineFigure(Figure):
+        def _repr_png_(self) -> bytes:
+            out = io.BytesIO()
+            self.savefig(out, format="png", dpi=80)
+            return out.getvalue()
+    return InlineFigure
+
+
+def tables(stats: dict) -> tuple:
+    """pandas DataFrames of ``stats``: lengths per part (characters; with a tokenizer also
+    prompt, response and total tokens), and per candidate S what a build would make."""
+    import pandas as pd
+
+    parts = {"characters": stats["chars"]}
+    for part in ("prompt", "response", "total"):
+        if "tokens" in stats:
+            parts[f"{part} tokens"] = stats["tokens"][part]
+    lengths = pd.DataFrame.from_dict(parts, orient="index")
+    if "ladder" not in stats:
+        return lengths, None
+    rows = {r["seq_length"]: {"whole": r["whole_fraction"], "dropped": r["dropped"],
+                              "truncated": r["truncated"],
+                              **{f"{m} {k}": r["packing"][m][k] for m in MODES
+                                 for k in ("docs", "efficiency")}}
+            for r in stats["ladder"]}
+    ladder = pd.DataFrame.from_dict(rows, orient="index")
+    ladder.index.name = "S"
+    return lengths, ladder
 
 
 # -- what people read ----------------------------------------------------------------------------
@@ -548,3 +597,16 @@ def _short(text: str, width: int) -> str:
 
 def _reasons(by: dict) -> str:
     return (" (" + ", ".join(f"{k}: {v:,}" for k, v in by.items()) + ")") if by else ""
+
+
+class _Module(types.ModuleType):
+    """``sftprep.stats`` names this module (``from sftprep import stats`` in the package and
+    its tests) and is the API's ``sftprep.stats(...)`` too: calling the module runs
+    ``api.stats``."""
+
+    def __call__(self, config=None, **options):
+        from sftprep.api import stats as run_stats
+        return run_stats(config, **options)
+
+
+sys.modules[__name__].__class__ = _Module

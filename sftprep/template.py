@@ -29,7 +29,8 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime
 
-from sftprep.config import ConfigError
+from sftprep.config import ConfigError, given, option
+from sftprep.errors import Error
 from sftprep.records import Conversation
 
 # The reference's ChatML template, used when the tokenizer has none and none is given.
@@ -41,7 +42,7 @@ REFERENCE_CHATML = (
 )
 
 
-class TemplateError(ValueError):
+class TemplateError(Error, ValueError):
     """The chat template cannot place this conversation's loss mask (or failed to render it)."""
 
 
@@ -59,16 +60,16 @@ def load_tokenizer(path: str, pad_token: str | None = None, chat_template: str |
     except Exception as e:  # transformers raises ValueError, OSError, JSON and key errors here
         raise ConfigError(_unloadable(path, e)) from None
     if not getattr(tok, "is_fast", False):  # transformers 4.x falls back to a Python tokenizer
-        raise ConfigError(f"--tokenizer {path}: transformers loaded only a slow (Python) "
-                          f"{type(tok).__name__}; sftprep encodes with the fast one: give a "
-                          "directory with tokenizer.json, or install sentencepiece (or "
-                          "tiktoken) so transformers can convert this one")
+        raise ConfigError(f"{given('template.tokenizer', path, path)}: transformers loaded "
+                          f"only a slow (Python) {type(tok).__name__}; sftprep encodes with the "
+                          "fast one: give a directory with tokenizer.json, or install "
+                          "sentencepiece (or tiktoken) so transformers can convert this one")
     if pad_token:
         tok.add_special_tokens({"pad_token": pad_token})
     elif tok.pad_token is None:
         if tok.eos_token is None:
             raise TemplateError(f"tokenizer {path} has neither a pad nor an eos token; "
-                                "give --pad-token")
+                                f"give {option('template.pad_token', 'TOKEN')}")
         tok.pad_token = tok.eos_token
     if chat_template:
         with open(chat_template, encoding="utf-8") as f:
@@ -83,7 +84,8 @@ def _unloadable(path: str, e: Exception) -> str:
     has = (f"it holds {', '.join(names[:8])}{', ...' if len(names) > 8 else ''}" if names
            else "it is empty")
     why = (str(e).strip().splitlines() or [""])[0].rstrip(" :")
-    return (f"--tokenizer {path}: no Hugging Face tokenizer loads from this directory ({has}; "
+    return (f"{given('template.tokenizer', path, path)}: no Hugging Face tokenizer loads from "
+            f"this directory ({has}; "
             f"one needs tokenizer.json or the vocabulary files its tokenizer_config.json names): "
             f"{type(e).__name__}: {why}")
 

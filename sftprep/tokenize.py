@@ -44,6 +44,7 @@ import numpy as np
 import pyarrow as pa
 
 from sftprep.encode import Setup, encoder, prepare
+from sftprep.errors import Error
 from sftprep.idxmap import IGNORE_INDEX
 from sftprep.records import RecordError, parse_group
 from sftprep.sources import ORIGIN
@@ -105,7 +106,7 @@ GUARD_LINES = 512
 GUARD_EVERY = 1000
 
 
-class EncodingMismatch(RuntimeError):
+class EncodingMismatch(Error, RuntimeError):
     """A fast path (encoding, or traced rendering) and the reference disagree on a sample: the
     build must not go on."""
 

@@ -34,7 +34,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 
-from sftprep.config import ConfigError
+from sftprep.config import ConfigError, given
 from sftprep.storage import filesystem, is_remote, protocol
 
 # What AutoTokenizer reads: the tokenizer itself, its vocabulary in any of the usual forms, the
@@ -69,7 +69,7 @@ def kind(value: str) -> str:
         return "store"
     if HUB_ID.match(value) and not os.path.exists(value):
         return "hub"
-    raise ConfigError(f"--tokenizer {value!r} is not a directory, nor an object-store URL "
+    raise ConfigError(f"{given('template.tokenizer', value)} is not a directory, nor an object-store URL "
                       "(oss://bkt/dir, s3://bkt/dir) or a hub id (Qwen/Qwen3-8B, "
                       "optionally @revision)")
 
@@ -144,13 +144,13 @@ def _from_store(url: str, storage_options: dict | None) -> Resolved:
     except FileNotFoundError:
         entries = []
     except Exception as e:  # the clients raise many kinds: permissions, endpoint, bucket
-        raise ConfigError(f"--tokenizer {url}: cannot list it: {type(e).__name__}: "
+        raise ConfigError(f"{given('template.tokenizer', url, url)}: cannot list it: {type(e).__name__}: "
                           f"{_first_line(e)}") from None
     files = {os.path.basename(e["name"].rstrip("/")): e for e in entries if e["type"] == "file"}
     wanted = {name: e for name, e in sorted(files.items()) if is_tokenizer_file(name)}
     if not wanted:
         held = ", ".join(sorted(files)[:8]) or "nothing"
-        raise ConfigError(f"--tokenizer {url}: no tokenizer files there (it holds {held}); give "
+        raise ConfigError(f"{given('template.tokenizer', url, url)}: no tokenizer files there (it holds {held}); give "
                           "the directory holding tokenizer.json or tokenizer_config.json")
     etags = {name: str(e.get("ETag") or e.get("etag") or e.get("size")).strip('"')
              for name, e in wanted.items()}
@@ -215,15 +215,15 @@ def _from_huggingface(value: str) -> Resolved:
     except LocalEntryNotFoundError:
         how = ("HF_HUB_OFFLINE=1 is set" if offline
                else f"{endpoint} cannot be reached (set HF_ENDPOINT for a mirror)")
-        raise ConfigError(f"--tokenizer {value}: {how} and the Hugging Face cache {cache} holds "
+        raise ConfigError(f"{given('template.tokenizer', value, value)}: {how} and the Hugging Face cache {cache} holds "
                           f"no {where}; download it once with network (or set HF_HUB_CACHE to "
                           "the cache that has it), or give a local directory") from None
     except (RepositoryNotFoundError, GatedRepoError) as e:
-        raise ConfigError(f"--tokenizer {value}: {endpoint} has no repository {repo} this "
+        raise ConfigError(f"{given('template.tokenizer', value, value)}: {endpoint} has no repository {repo} this "
                           f"process may read ({type(e).__name__}; a private or gated one needs "
                           "HF_TOKEN), and there is no local directory of that name") from None
     except RevisionNotFoundError:
-        raise ConfigError(f"--tokenizer {value}: {repo} has no revision "
+        raise ConfigError(f"{given('template.tokenizer', value, value)}: {repo} has no revision "
                           f"{revision!r} on {endpoint}") from None
     return Resolved(path, {"kind": "hub", "hub": "huggingface", "id": repo,
                            "revision": revision or "main", "commit": os.path.basename(path),
@@ -234,7 +234,7 @@ def _from_modelscope(value: str) -> Resolved:
     try:
         from modelscope import snapshot_download
     except ImportError:
-        raise ConfigError(f"--tokenizer {value}: USE_MODELSCOPE_HUB=1 asks for ModelScope, but "
+        raise ConfigError(f"{given('template.tokenizer', value, value)}: USE_MODELSCOPE_HUB=1 asks for ModelScope, but "
                           "the modelscope package is not installed: pip install modelscope "
                           "(or unset USE_MODELSCOPE_HUB for the Hugging Face hub)") from None
     repo, revision = _split_id(value)
@@ -242,7 +242,7 @@ def _from_modelscope(value: str) -> Resolved:
         path = snapshot_download(repo, revision=revision or "master",
                                  allow_patterns=list(PATTERNS))
     except Exception as e:  # modelscope raises its own kinds for a missing repo or network
-        raise ConfigError(f"--tokenizer {value}: ModelScope could not give {repo}@"
+        raise ConfigError(f"{given('template.tokenizer', value, value)}: ModelScope could not give {repo}@"
                           f"{revision or 'master'}: {type(e).__name__}: {_first_line(e)}"
                           ) from None
     return Resolved(path, {"kind": "hub", "hub": "modelscope", "id": repo,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import html
 import json
 import os
 
 import numpy as np
 
 from sftprep import idxmap, trainer
-from sftprep.writer import MANIFEST
+from sftprep.idxmap import MANIFEST
 
 TRAINED = ("\x1b[32m", "\x1b[0m")  # green on a terminal
 TRAINED_PLAIN = ("⟦", "⟧")
@@ -104,3 +105,21 @@ def describe_document(reader: idxmap.IndexedReader, k: int, tokenizer, color: bo
     if used < S:
         out.append(f"--- padding: {S - used} x id {int(row[used])}")
     return "\n".join(out)
+
+
+def document_html(reader: idxmap.IndexedReader, k: int, tokenizer) -> str:
+    """Document ``k`` as ``describe_document`` shows it, for a notebook: trained text
+    highlighted instead of marked."""
+    row = np.asarray(reader.document(k))
+    ids, samples = sample_runs(row)
+    head = describe_document(reader, k, tokenizer, False).split("\n", 1)[0]
+    head = head.replace(TRAINED_PLAIN[0], "").replace(TRAINED_PLAIN[1], "")
+    parts = [f"<div><b>{html.escape(head)}</b>"]
+    for n, (first, last, runs) in enumerate(samples):
+        text = "".join((f'<mark style="background:#c8e6c9">{html.escape(piece)}</mark>' if t
+                        else html.escape(piece))
+                       for a, b, t in runs
+                       for piece in [tokenizer.decode(ids[a:b].tolist())])
+        parts.append(f"<div>sample {n} (tokens {first}..{last})</div>"
+                     f'<pre style="white-space:pre-wrap">{text}</pre>')
+    return "".join(parts) + "</div>"

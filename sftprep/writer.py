@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sftprep import idxmap, trainer
+from sftprep.errors import Error
 from sftprep.packing import BestFitPacker, Document, Piece, make_packer
 from sftprep.shards import TASK_COLUMN, assemble_manifest, derive_figures, merge_figures, task_reach
 from sftprep.sink import MultipartSink, upload_file
@@ -43,7 +44,7 @@ from sftprep.storage import filesystem, is_remote
 from sftprep.tokenize import CUT_KEYS, CUTS, DROPPED, END, OK, OVERLONG, REASONING, REJECTED
 
 SUFFIXES = (".bin", ".idx")
-MANIFEST = ".manifest.json"
+MANIFEST = idxmap.MANIFEST
 REJECTS = ".rejects.jsonl"
 # An old output is removed in this order before the new one lands: its index first, so no .idx
 # ever describes a .bin it was not written with.
@@ -59,7 +60,7 @@ FIGURES = ("cut_samples", "tokens_lost",
            *(f"reasoning_{name}" for name in REASONING))
 
 
-class BadRecordError(ValueError):
+class BadRecordError(Error, ValueError):
     """A bad input record under ``--on-error fail``; names the file, line and what is wrong."""
 
 
@@ -312,7 +313,16 @@ class SFTWriter:
     def progress(self) -> dict:
         return {"records": sum(c["records"] for c in self.counts),
                 "samples": sum(c["samples"] for c in self.counts),
-                "documents": self.index.documents, "tokens": self.written_tokens}
+                "documents": self.index.documents, "tokens": self.written_tokens,
+                "read_tasks": self._tasks_done()}
+
+    def _tasks_done(self) -> int:
+        """Read tasks of this writer's range whose end row has passed (summed over shards:
+        all the build's)."""
+        o = self.origins
+        lo, hi = self.owns or (0, len(o.task_files) - 1)
+        last = o.task if o.ended else o.task - 1
+        return max(0, min(hi, last) - lo + 1)
 
     # -- finishing ---------------------------------------------------------------------------
 

@@ -150,9 +150,7 @@ def test_reference_numbers_on_the_shared_alpaca_demo(ray_session, tmp_path):
 
 
 def test_help_comes_from_the_config_metadata():
-    import sys
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "jobs"))
-    import cli
+    from sftprep import cli
     text = cli.parser_for(stats.StatsConfig, "stats").format_help()
     assert "--output-dir" in text and "only character lengths" in text
     config = cli.parse(stats.StatsConfig, "stats", ["--input", "x.jsonl", "--seq-length", "4096"])
