@@ -7,12 +7,11 @@ import argparse
 import dataclasses
 import logging
 import os
-import re
 import sys
-import threading
 
 from sftprep.config import REQUIRED, ConfigError, flags, load
-from sftprep.pipeline import RuntimeLost, abandon_local_runtime
+from sftprep import stderr_filter
+from sftprep.pipeline import LOST_RUNTIME, RuntimeLost, abandon_local_runtime
 from sftprep.records import RecordError
 from sftprep.sources import InputError
 from sftprep.template import TemplateError
@@ -21,9 +20,6 @@ from sftprep.writer import BadRecordError
 
 USER_ERRORS = (ConfigError, InputError, BadRecordError, TemplateError, RecordError,
                FileNotFoundError, EncodingMismatch)
-# Ray's C++ core writes its log lines ("[2026-01-01 12:00:00,000 E 123 123] core_worker.cc:..")
-# to the driver's log file in the session directory and, from warnings up, to stderr as well.
-RAY_NATIVE_LOG_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [IWE] \d+ \d+\] ")
 
 
 def _default_text(f: dataclasses.Field) -> str:
@@ -87,34 +83,19 @@ def quiet() -> None:
     _filter_native_stderr()
 
 
-_restore: list = []  # (the terminal's fd, the filter thread) to undo at exit
+_filter: list = []  # the stderr filter to finish at exit (``stderr_filter``)
 
 
 def _filter_native_stderr() -> None:
-    """Route fd 2 through a thread that drops Ray's native log lines and passes the rest."""
-    read_fd, write_fd = os.pipe()
-    terminal = os.dup(2)
-    os.dup2(write_fd, 2)
-    os.close(write_fd)
-
-    def pump() -> None:
-        with os.fdopen(read_fd, "rb") as src, os.fdopen(terminal, "wb", buffering=0) as dst:
-            for line in src:
-                if not RAY_NATIVE_LOG_LINE.match(line):
-                    dst.write(line)
-
-    thread = threading.Thread(target=pump, name="stderr-filter", daemon=True)
-    thread.start()
-    _restore.append((terminal, thread))
+    """Route fd 2 through a process that drops Ray's native log lines, passes the rest and,
+    when Ray's core ends this process for a lost runtime, prints the one line for it."""
+    _filter.append(stderr_filter.start("error: " + LOST_RUNTIME))
 
 
 def _flush_stderr() -> None:
     """Put the terminal back on fd 2 and let the filter pass what it still holds."""
-    sys.stderr.flush()
-    while _restore:
-        terminal, thread = _restore.pop()
-        os.dup2(terminal, 2)  # the pipe's last writer closes: the pump reads to the end
-        thread.join(timeout=5)
+    while _filter:
+        stderr_filter.finish(_filter.pop())
 
 
 def run(main) -> None:

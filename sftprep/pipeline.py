@@ -111,21 +111,34 @@ class RuntimeLost(RuntimeError):
     """The local Ray runtime this process started stopped under it (killed from outside)."""
 
 
+# The one line for a lost local runtime, whoever says it: the build, or the job's stderr filter
+# (``stderr_filter``) when Ray's core ended the process before the build could.
+LOST_RUNTIME = "the local Ray runtime stopped during the job ({} exited); nothing written"
+
+
 class LocalRuntimeWatch:
     """Between start and stop, watch the GCS and raylet of a local runtime this driver started.
 
     Killed from outside, the runtime leaves the driver blocked in Ray calls until Ray's core
-    gives up on its GCS a minute later and ends the process without a word. Instead, the
-    moment either exits, ``lost`` names it and the main thread is interrupted.
-    A cluster this driver joined (``ray job submit``) is not ours to watch.
+    gives up on its GCS a minute later, or ends the process the moment a thread touches the
+    dead raylet's object store, in either case without a word. Instead, the moment either
+    exits, ``lost`` names it, ``on_lost`` cleans up what this node holds, and the main thread
+    gets ``RuntimeLost`` by a signal of its own (SIGUSR2 while the watch runs), not by a
+    simulated Ctrl-C: a job started in the background ignores SIGINT, which turned
+    ``_thread.interrupt_main`` into a no-op. If the main thread is stuck in a call no signal
+    reaches, the process ends after ``grace`` seconds (exit 1; the CLI's stderr filter says
+    why). A cluster this driver joined (``ray job submit``) is not ours to watch.
     """
 
     WATCHED = ("gcs_server", "raylet")
+    SIGNAL = signal.SIGUSR2
 
-    def __init__(self, interval: float = 0.5):
-        self.interval = interval
+    def __init__(self, on_lost: Callable[[], None] | None = None, interval: float = 0.1,
+                 grace: float = 10.0):
+        self.interval, self.grace, self.on_lost = interval, grace, on_lost
         self.lost: str | None = None
         self._stop = threading.Event()
+        self._previous = None
         node = ray._private.worker._global_node  # set only when this process started Ray
         running = node.all_processes if node is not None else {}
         self._processes = [(kind, info.process) for kind in self.WATCHED
@@ -133,19 +146,37 @@ class LocalRuntimeWatch:
 
     def start(self) -> "LocalRuntimeWatch":
         if self._processes:
+            if threading.current_thread() is threading.main_thread():
+                self._previous = signal.signal(self.SIGNAL, self._raise)
             threading.Thread(target=self._watch, name="ray-runtime-watch", daemon=True).start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
+        if self._previous is not None:
+            signal.signal(self.SIGNAL, self._previous)
+            self._previous = None
+
+    def _raise(self, signum, frame) -> None:
+        if self.lost:
+            raise RuntimeLost(LOST_RUNTIME.format(self.lost))
 
     def _watch(self) -> None:
         while not self._stop.wait(self.interval):
-            for kind, process in self._processes:
-                if process.poll() is not None:
-                    self.lost = kind
-                    _thread.interrupt_main()
-                    return
+            lost = next((kind for kind, p in self._processes if p.poll() is not None), None)
+            if lost is None:
+                continue
+            self.lost = lost
+            if self.on_lost is not None:
+                with contextlib.suppress(Exception):
+                    self.on_lost()
+            if self._previous is not None:
+                signal.pthread_kill(threading.main_thread().ident, self.SIGNAL)
+            else:
+                _thread.interrupt_main()
+            if not self._stop.wait(self.grace):
+                os._exit(1)
+            return
 
 
 def abandon_local_runtime() -> None:
@@ -274,7 +305,9 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
     leftovers = ray.get([w.leftovers.remote() for w in writers])
     writer_pids = [pid for pid, _ in leftovers]
     temporary = [p for _, paths in leftovers for p in paths]
-    watch = LocalRuntimeWatch().start()
+    watch = LocalRuntimeWatch(on_lost=lambda: (
+        stop_processes(writer_pids),  # a writer outlives its raylet a moment: stop it first
+        remove_temporary(temporary))).start()  # the writers' files are on this node
     try:
         reach = task_reach([r.file for r in plan], task_ranges(task_shard, len(writers)))
         feed(tokenized_dataset(config, plan, setup=setup), writers, reach, on_progress, started)
@@ -306,11 +339,8 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
         else:
             manifest = finish_shards(config, writers, extra, options)
     except BaseException:
-        if watch.lost:  # no Ray call can answer now; the writers' files are on this node
-            stop_processes(writer_pids)  # a writer outlives its raylet a moment: stop it first
-            remove_temporary(temporary)
-            raise RuntimeLost(f"the local Ray runtime stopped during the build ({watch.lost} "
-                              "exited); nothing written") from None
+        if watch.lost:  # no Ray call can answer now; the watch has cleaned up
+            raise RuntimeLost(LOST_RUNTIME.format(watch.lost)) from None
         with _sigint_ignored():  # a second Ctrl-C must not cut the clean-up short
             try:
                 ray.get([w.abort.remote() for w in writers], timeout=60)
