@@ -1,5 +1,5 @@
 """Command-line plumbing shared by the jobs: flags from the config tree, quiet logs, one-line
-errors (exit 2 for a user error, 130 for Ctrl-C, 1 when the Ray runtime is lost)."""
+errors (exit 2 for a user error, 130 for Ctrl-C, 1 when the Ray runtime or a writer is lost)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import sys
 
 from sftprep.config import REQUIRED, ConfigError, flags, load
 from sftprep import stderr_filter
-from sftprep.pipeline import LOST_RUNTIME, RuntimeLost, abandon_local_runtime
+from sftprep.pipeline import LOST_RUNTIME, BuildFailed, RuntimeLost, abandon_local_runtime
 from sftprep.records import RecordError
 from sftprep.sources import InputError
 from sftprep.template import TemplateError
@@ -113,6 +113,9 @@ def run(main) -> None:
         _flush_stderr()
         abandon_local_runtime()
         os._exit(1)
+    except BuildFailed as e:
+        print(f"error: {e}", file=sys.stderr)
+        code = 1
     except KeyboardInterrupt:
         print("interrupted; nothing written", file=sys.stderr)
         code = 130

@@ -21,9 +21,12 @@ from __future__ import annotations
 import _thread
 import contextlib
 import dataclasses
+import json
 import logging
 import os
+import re
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -40,14 +43,15 @@ from sftprep.encode import Setup, prepare
 from sftprep.sources import SCHEMA as RECORD_SCHEMA
 from sftprep.shards import (combine_summaries, data_path_argument, shard_of_tasks,
                             shard_prefix, task_ranges, task_reach, task_span,
-                            write_manifest)
+                            unnamed_shards, write_manifest)
 from sftprep.sources import (InputFile, ReadRange, auto_split_bytes, expand_inputs, plan_reads,
                              read_range)
+from sftprep.sink import abort_upload, pending_uploads
 from sftprep.storage import filesystem, is_remote, redact, resolve_options
 from sftprep.template import load_tokenizer, tokenizer_fingerprint
 from sftprep.tokenize import GUARD_EVERY, GUARD_LINES, Tokenize, TokenizeSpec
-from sftprep.writer import (MANIFEST, STALE_ORDER, SUFFIXES, SFTWriter, remove_stale,
-                            remove_temporary)
+from sftprep.writer import (MANIFEST, REJECTS, STALE_ORDER, SUFFIXES, SFTWriter,
+                            remove_stale, remove_temporary)
 
 READ_CPUS = 0.1
 ACTOR_CPU_SHARE = 0.9
@@ -105,6 +109,14 @@ def ensure_ray(verbose: bool = False) -> None:
     for handler in logging.getLogger("ray.data").handlers:
         if handler.name == "console":
             handler.setLevel(logging.INFO if verbose else logging.ERROR)
+
+
+logger = logging.getLogger(__name__)
+
+
+class BuildFailed(RuntimeError):
+    """The build could not finish (not the input's fault); the message is the one line to
+    show. Nothing was published, and nothing it started is left pending."""
 
 
 class RuntimeLost(RuntimeError):
@@ -289,11 +301,74 @@ def check_output_free(config: BuildConfig) -> None:
         raise ConfigError(f"output exists: {', '.join(existing)}; pass --overwrite to replace it")
 
 
+def _is_output_file(config: BuildConfig, url: str) -> bool:
+    """Whether ``url`` is one of the files a build at ``config.output.prefix`` writes (any
+    number of shards)."""
+    names = "|".join(re.escape(s) for s in (*SUFFIXES, MANIFEST, REJECTS))
+    pattern = re.escape(config.output.prefix) + rf"(_\d+)?_text_document({names})"
+    return re.fullmatch(pattern, url) is not None
+
+
+def abort_uploads(config: BuildConfig, options: dict, started: list[tuple[str, str]]) -> None:
+    """Abort the uploads this build started (``started``, in that order), then any other still
+    pending on its output files (one a writer started but could not report)."""
+    for url, upload in [*started, *(u for u in _pending_output_uploads(config, options)
+                                    if u not in started)]:
+        with contextlib.suppress(Exception):  # completed, or already aborted by its writer
+            abort_upload(url, upload, options)
+
+
+def _pending_output_uploads(config: BuildConfig, options: dict) -> list[tuple[str, str]]:
+    if not is_remote(config.output.prefix):
+        return []
+    try:
+        found = pending_uploads(config.output.prefix, options)
+    except Exception:  # a store without a listing of uploads: nothing to find
+        return []
+    return [(url, upload) for url, upload in found if _is_output_file(config, url)]
+
+
+def remove_unnamed_shards(config: BuildConfig, options: dict) -> None:
+    """Remove the shards at this prefix that no manifest names (``shards.unnamed_shards``):
+    a sharded build that stopped before its manifest left them, saying so in one line."""
+    fs, path = filesystem(config.document_prefix, options)
+    manifest = {}
+    if fs.exists(path + MANIFEST):
+        with fs.open(path + MANIFEST, "rb") as f:
+            manifest = json.load(f)
+
+    def has_files(prefix: str) -> bool:
+        fs, path = filesystem(prefix, options)
+        return any(fs.exists(path + s) for s in STALE_ORDER)
+
+    unnamed = unnamed_shards(config.output.prefix, manifest, has_files)
+    for prefix in unnamed:
+        remove_stale(prefix, options)
+    if unnamed:
+        logger.warning(f"[sftprep] removed {len(unnamed)} shard{'s' * (len(unnamed) != 1)} "
+                       f"that no manifest names (a build stopped before it finished): "
+                       f"{', '.join(unnamed)}")
+
+
+def abort_stale_uploads(config: BuildConfig, options: dict) -> None:
+    """Abort the uploads an earlier build at this prefix left pending (a driver killed
+    outright cannot abort its own), saying so in one line."""
+    stale = _pending_output_uploads(config, options)
+    for url, upload in stale:
+        abort_upload(url, upload, options)
+    if stale:
+        names = ", ".join(sorted({url for url, _ in stale}))
+        logger.warning(f"[sftprep] aborted {len(stale)} pending upload"
+                       f"{'s' * (len(stale) != 1)} an earlier build left unfinished: {names}")
+
+
 def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None) -> dict:
     """Run the whole build; return the manifest (whose ``summary`` has the figures)."""
     validate(config)
     started = time.time()
     files = expand_inputs(config.source.inputs, config.source.storage_options)
+    remove_unnamed_shards(config, resolve_options([config.document_prefix],
+                                                  config.source.storage_options))
     check_output_free(config)
     tokenizer = in_background(lambda: loaded_tokenizer(config))
     ensure_ray(config.run.verbose)  # Ray's start is mostly waiting: the tokenizer loads meanwhile
@@ -301,16 +376,23 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
     plan = read_plan(config, files)
     options = resolve_options([config.document_prefix], config.source.storage_options)
     task_shard = shard_of_tasks([r.size for r in plan], config.output.shards)
+    abort_stale_uploads(config, options)
     writers = start_writers(config, files, plan, tok, options, task_shard)
     leftovers = ray.get([w.leftovers.remote() for w in writers])
     writer_pids = [pid for pid, _ in leftovers]
     temporary = [p for _, paths in leftovers for p in paths]
-    watch = LocalRuntimeWatch(on_lost=lambda: (
-        stop_processes(writer_pids),  # a writer outlives its raylet a moment: stop it first
-        remove_temporary(temporary))).start()  # the writers' files are on this node
+    uploads: list[tuple[str, str]] = []  # (url, upload id) the writers started, in that order
+
+    def node_lost() -> None:  # no Ray call can answer now; the writers' files are on this node
+        stop_processes(writer_pids)  # a writer outlives its raylet a moment: stop it first
+        remove_temporary(temporary)
+        abort_uploads(config, options, uploads)
+
+    watch = LocalRuntimeWatch(on_lost=node_lost).start()
     try:
         reach = task_reach([r.file for r in plan], task_ranges(task_shard, len(writers)))
-        feed(tokenized_dataset(config, plan, setup=setup), writers, reach, on_progress, started)
+        feed(tokenized_dataset(config, plan, setup=setup), writers, reach, on_progress, started,
+             uploads)
         elapsed = time.time() - started
         checks = " and ".join([*(["HF re-encoded"] if setup.backend == "fast" else []),
                                *(["Jinja re-rendered"] if setup.renderer == "traced" else [])])
@@ -346,6 +428,10 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
                 ray.get([w.abort.remote() for w in writers], timeout=60)
             except Exception:  # a writer itself may be what died
                 remove_temporary(temporary)
+            abort_uploads(config, options, uploads)
+        if isinstance(sys.exc_info()[1], ray.exceptions.RayActorError):
+            raise BuildFailed("a writer's process or node was lost during the build; nothing "
+                              "published, its uploads aborted") from None
         raise
     finally:
         watch.stop()
@@ -425,10 +511,12 @@ def start_writers(config: BuildConfig, files: list[InputFile], plan: list[ReadRa
 
 
 def feed(ds: ray.data.Dataset, writers: list, reach: list[tuple[int, int]],
-         on_progress: Callable[[dict], None] | None, started: float) -> None:
+         on_progress: Callable[[dict], None] | None, started: float,
+         uploads: list | None = None) -> None:
     """Hand every block, in input order, to the writer(s) whose ``reach`` (``shards.task_reach``)
-    its rows fall in; the writers' answers give the progress. With one writer no routing is
-    needed; with several, a zero-CPU task names each block's first and last read task."""
+    its rows fall in; the writers' answers give the progress, and the multipart uploads they
+    started (added to ``uploads``). With one writer no routing is needed; with several, a
+    zero-CPU task names each block's first and last read task."""
     in_flight: deque = deque()
     spans: deque = deque()
     latest = [{} for _ in writers]
@@ -439,6 +527,9 @@ def feed(ds: ray.data.Dataset, writers: list, reach: list[tuple[int, int]],
         while len(in_flight) > limit:
             k, ref = in_flight.popleft()
             latest[k] = ray.get(ref)
+            upload = latest[k].pop("upload", None)
+            if uploads is not None and upload and tuple(upload) not in uploads:
+                uploads.append(tuple(upload))
             if on_progress and (last_report is None
                                 or time.time() - last_report > PROGRESS_SECONDS):
                 total = {key: sum(p.get(key, 0) for p in latest) for key in latest[k]}

@@ -81,12 +81,18 @@ def _write_all(fd: int, data: bytes) -> None:
 
 def runtime_children(parent: int) -> dict[int, str]:
     """``{pid: name}`` of ``parent``'s running ``RUNTIME`` children (from /proc)."""
+    pids: set[int] = set()
+    try:
+        for task in os.listdir(f"/proc/{parent}/task"):
+            with open(f"/proc/{parent}/task/{task}/children") as f:
+                pids.update(int(p) for p in f.read().split())
+    except OSError:  # no children lists in this kernel: every process's parent
+        pids = {int(e) for e in os.listdir("/proc") if e.isdigit()}
     found = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            stat = _stat(int(entry))
-            if stat and stat[2] == parent and stat[0] in RUNTIME and stat[1] not in "ZX":
-                found[int(entry)] = stat[0]
+    for pid in pids:
+        stat = _stat(pid)
+        if stat and stat[2] == parent and stat[0] in RUNTIME and stat[1] not in "ZX":
+            found[pid] = stat[0]
     return found
 
 
@@ -127,7 +133,7 @@ def pump(job: int, lost_line: str, src: int = 0, dst: int = 1) -> None:
     pending, done, next_scan = b"", False, 0.0
     while not done:
         now = time.monotonic()
-        if now >= next_scan and os.path.isdir("/proc"):
+        if now >= next_scan and set(seen.values()) != set(RUNTIME) and os.path.isdir("/proc"):
             for pid, name in runtime_children(job).items():
                 if pid not in seen and hasattr(os, "pidfd_open"):
                     try:
