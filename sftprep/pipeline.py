@@ -151,16 +151,21 @@ class LocalRuntimeWatch:
         self.lost: str | None = None
         self._stop = threading.Event()
         self._previous = None
+        self._processes: list = []
+
+    def _find(self) -> list:
         node = ray._private.worker._global_node  # set only when this process started Ray
         running = node.all_processes if node is not None else {}
-        self._processes = [(kind, info.process) for kind in self.WATCHED
-                           for info in running.get(kind, []) if info.process.poll() is None]
+        return [(kind, info.process) for kind in self.WATCHED
+                for info in running.get(kind, []) if info.process.poll() is None]
 
     def start(self) -> "LocalRuntimeWatch":
-        if self._processes:
-            if threading.current_thread() is threading.main_thread():
-                self._previous = signal.signal(self.SIGNAL, self._raise)
-            threading.Thread(target=self._watch, name="ray-runtime-watch", daemon=True).start()
+        """Watch the runtime this process started, or will start (it is looked for until then)."""
+        if ray.is_initialized() and not self._find():
+            return self  # a cluster this driver joined
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(self.SIGNAL, self._raise)
+        threading.Thread(target=self._watch, name="ray-runtime-watch", daemon=True).start()
         return self
 
     def stop(self) -> None:
@@ -175,6 +180,8 @@ class LocalRuntimeWatch:
 
     def _watch(self) -> None:
         while not self._stop.wait(self.interval):
+            if not self._processes:
+                self._processes = self._find()
             lost = next((kind for kind, p in self._processes if p.poll() is not None), None)
             if lost is None:
                 continue
@@ -191,6 +198,39 @@ class LocalRuntimeWatch:
             return
 
 
+@contextlib.contextmanager
+def watched_runtime(on_lost: Callable[[], None] | None = None) -> Iterator[LocalRuntimeWatch]:
+    """Run the body under a ``LocalRuntimeWatch``: a lost local runtime ends it with
+    ``RuntimeLost`` (one line), whatever the body was doing."""
+    watch = LocalRuntimeWatch(on_lost).start()
+    try:
+        yield watch
+    except BaseException:
+        if watch.lost:
+            raise RuntimeLost(LOST_RUNTIME.format(watch.lost)) from None
+        raise
+    finally:
+        watch.stop()
+
+
+class BuildStopped(BuildFailed):
+    """SIGTERM (``ray job stop``, a scheduler's stop) during the build."""
+
+
+def _stop_on_sigterm():
+    """From now on SIGTERM raises ``BuildStopped``, so the build's clean-up runs and the job
+    ends non-zero in one line, not by Ray's handler's ``sys.exit`` without a word. Returns the
+    handler to put back (None off the main thread, where handlers cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        raise BuildStopped("the build was stopped (SIGTERM, e.g. ray job stop); nothing "
+                           "published, its uploads aborted")
+
+    return signal.signal(signal.SIGTERM, stop)
+
+
 def abandon_local_runtime() -> None:
     """Kill what is left of a lost local runtime (``ray.shutdown`` would wait on it)."""
     node = ray._private.worker._global_node
@@ -199,15 +239,17 @@ def abandon_local_runtime() -> None:
 
 
 @contextlib.contextmanager
-def _sigint_ignored():
+def _signals_ignored():
+    """A second Ctrl-C or SIGTERM must not cut the clean-up short."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def tokenize_spec(config: BuildConfig) -> TokenizeSpec:
@@ -389,6 +431,7 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
         abort_uploads(config, options, uploads)
 
     watch = LocalRuntimeWatch(on_lost=node_lost).start()
+    sigterm = _stop_on_sigterm()
     try:
         reach = task_reach([r.file for r in plan], task_ranges(task_shard, len(writers)))
         feed(tokenized_dataset(config, plan, setup=setup), writers, reach, on_progress, started,
@@ -423,17 +466,20 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
     except BaseException:
         if watch.lost:  # no Ray call can answer now; the watch has cleaned up
             raise RuntimeLost(LOST_RUNTIME.format(watch.lost)) from None
-        with _sigint_ignored():  # a second Ctrl-C must not cut the clean-up short
-            try:
-                ray.get([w.abort.remote() for w in writers], timeout=60)
-            except Exception:  # a writer itself may be what died
-                remove_temporary(temporary)
+        with _signals_ignored():
+            # What the driver can do itself first: a stop (SIGTERM) is followed by SIGKILL
+            # within seconds (ray job stop: 3 s), and the writers die with the driver.
+            remove_temporary(temporary)
             abort_uploads(config, options, uploads)
+            with contextlib.suppress(Exception):  # a writer itself may be what died
+                ray.get([w.abort.remote() for w in writers], timeout=60)
         if isinstance(sys.exc_info()[1], ray.exceptions.RayActorError):
             raise BuildFailed("a writer's process or node was lost during the build; nothing "
                               "published, its uploads aborted") from None
         raise
     finally:
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
         watch.stop()
         if not watch.lost:
             for w in writers:

@@ -345,7 +345,13 @@ def token_stats(lengths: SampleLengths, config: StatsConfig, dropped_reasons: Co
 # -- the job -------------------------------------------------------------------------------------
 
 def run(config: StatsConfig) -> dict:
-    """Run the statistics job; write ``stats.json`` and the histogram if ``output.dir`` is set."""
+    """Run the statistics job; write ``stats.json`` and the histogram if ``output.dir`` is set.
+    A lost local Ray runtime ends it with ``pipeline.RuntimeLost`` (one line), as a build."""
+    with pipeline.watched_runtime():
+        return _run(config)
+
+
+def _run(config: StatsConfig) -> dict:
     validate_stats(config)
     files = expand_inputs(config.source.inputs, config.source.storage_options)
     out_dir = config.output.dir

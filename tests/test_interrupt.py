@@ -86,3 +86,45 @@ def test_interrupted_build_leaves_no_complete_looking_output(qwen_dir, tmp_path,
         assert proc.returncode == 1 and took < 20, (proc.returncode, took)
         assert re.fullmatch(r"error: the local Ray runtime stopped during the job "
                             r"\((gcs_server|raylet) exited\); nothing written\n", stderr), stderr
+
+
+def test_a_lost_runtime_ends_the_statistics_in_one_line(qwen_dir, tmp_path):
+    data = write_jsonl(tmp_path / "t.jsonl", alpaca_samples(30000, seed=4))
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "jobs", "stats.py"), "--input", data,
+         "--tokenizer", qwen_dir, "--seq-length", "256", "--workers", "1",
+         "--batch-size", "16", "--block-records", "32", "--no-progress"],
+        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None:  # until the stage works
+            if any("MapWorker" in t and "__init__" not in t for t in _titles(proc.pid)):
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, f"the statistics ended first: {proc.communicate()[1]}"
+        for p in sorted(runtime_processes(proc.pid), key=lambda p: p.name()):
+            p.kill()
+        killed = time.time()
+        _, stderr = proc.communicate(timeout=120)
+        took = time.time() - killed
+    finally:
+        time.sleep(2)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 1 and took < 20, (proc.returncode, took)
+    assert re.fullmatch(r"error: the local Ray runtime stopped during the job "
+                        r"\((gcs_server|raylet) exited\); nothing written\n", stderr), stderr
+
+
+def _titles(pid: int) -> list[str]:
+    """The command lines of ``pid``'s descendants."""
+    found = []
+    for p in psutil.Process(pid).children(recursive=True):
+        try:
+            found.append(" ".join(p.cmdline()))
+        except psutil.Error:
+            continue
+    return found
