@@ -92,10 +92,11 @@ def _filter_native_stderr() -> None:
     _filter.append(stderr_filter.start("error: " + LOST_RUNTIME))
 
 
-def _flush_stderr() -> None:
-    """Put the terminal back on fd 2 and let the filter pass what it still holds."""
+def _flush_stderr(restore: bool = True) -> None:
+    """Put the terminal back on fd 2 (unless not ``restore``: see ``stderr_filter.finish``)
+    and let the filter pass what it still holds."""
     while _filter:
-        stderr_filter.finish(_filter.pop())
+        stderr_filter.finish(_filter.pop(), restore)
 
 
 def run(main) -> None:
@@ -110,7 +111,7 @@ def run(main) -> None:
         main()
     except RuntimeLost as e:  # Ray's exit handlers would wait on the dead runtime: skip them
         print(f"error: {e}", file=sys.stderr)
-        _flush_stderr()
+        _flush_stderr(restore=False)  # Ray's threads log on until the exit: keep filtering
         abandon_local_runtime()
         os._exit(1)
     except BuildFailed as e:

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 # Ray's C++ core writes its log lines ("[2026-01-01 12:00:00,000 E 123 123] core_worker.cc:..")
 # to the driver's log file in the session directory and, from warnings up, to stderr as well.
 RAY_NATIVE_LOG_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [IWE] \d+ \d+\] ")
-DONE = b"\x00sftprep: stderr done\n"  # the job's last word to the filter (never shown)
+DONE = b"\x00sftprep: stderr done\n"  # the job's last word said; filter on to the end
+QUIT = b"\x00sftprep: stderr quit\n"  # the same, and fd 2 goes back to the terminal: stop
 RUNTIME = ("gcs_server", "raylet")  # the local runtime's processes, in the order reported
 SCAN_SECONDS = 0.2  # how often the filter looks for the job's runtime processes
 
@@ -57,11 +58,14 @@ def start(lost_line: str) -> Filter:
     return Filter(terminal, process)
 
 
-def finish(f: Filter, wait: float = 5.0) -> None:
-    """Tell the filter the job is done, put the terminal back on fd 2, and let the filter pass
-    on what it still holds."""
+def finish(f: Filter, restore: bool = True, wait: float = 5.0) -> None:
+    """Tell the filter the job has said its last word, put the terminal back on fd 2, and let
+    the filter pass on what it still holds. ``restore=False`` (the process is about to
+    ``os._exit`` with Ray's threads still logging): fd 2 stays on the filter to the end."""
     sys.stderr.flush()
-    _write_all(2, DONE)
+    _write_all(2, QUIT if restore else DONE)
+    if not restore:
+        return
     os.dup2(f.terminal, 2)
     os.close(f.terminal)
     try:
@@ -130,8 +134,8 @@ def pump(job: int, lost_line: str, src: int = 0, dst: int = 1) -> None:
     watched: dict[int, str] = {}  # pidfd -> name
     lost: str | None = None
     ray_ended = False
-    pending, done, next_scan = b"", False, 0.0
-    while not done:
+    pending, done, quit, next_scan = b"", False, False, 0.0
+    while not quit:
         now = time.monotonic()
         if now >= next_scan and set(seen.values()) != set(RUNTIME) and os.path.isdir("/proc"):
             for pid, name in runtime_children(job).items():
@@ -156,14 +160,15 @@ def pump(job: int, lost_line: str, src: int = 0, dst: int = 1) -> None:
         *lines, pending = (pending + data).split(b"\n")
         for line in lines:
             line += b"\n"
-            if line == DONE:
-                done = True
-                break
-            if not RAY_NATIVE_LOG_LINE.match(line):
+            if line in (DONE, QUIT):  # after DONE, what Ray writes is filtered to the end
+                done, quit = True, line == QUIT
+                if quit:
+                    break
+            elif not RAY_NATIVE_LOG_LINE.match(line):
                 _write_all(dst, line)
             elif RAY_ENDS_PROCESS.search(line):
                 ray_ended = True
-    if pending and not done and not RAY_NATIVE_LOG_LINE.match(pending):
+    if pending and not RAY_NATIVE_LOG_LINE.match(pending):
         _write_all(dst, pending)
     if not done and not lost and ray_ended:
         lost = next((name for name in RUNTIME for pid, n in seen.items()
