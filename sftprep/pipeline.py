@@ -26,7 +26,6 @@ import logging
 import os
 import re
 import signal
-import sys
 import threading
 import time
 from collections import deque
@@ -119,6 +118,12 @@ class BuildFailed(RuntimeError):
     show. Nothing was published, and nothing it started is left pending."""
 
 
+class _Signalled(BaseException):
+    """Raised by this module's signal handlers in whatever Ray call the main thread is in; a
+    BaseException, as KeyboardInterrupt, so Ray Data passes it on instead of logging it as an
+    error of its own. The build turns it into its one-line error."""
+
+
 class RuntimeLost(RuntimeError):
     """The local Ray runtime this process started stopped under it (killed from outside)."""
 
@@ -176,7 +181,7 @@ class LocalRuntimeWatch:
 
     def _raise(self, signum, frame) -> None:
         if self.lost:
-            raise RuntimeLost(LOST_RUNTIME.format(self.lost))
+            raise _Signalled(LOST_RUNTIME.format(self.lost))
 
     def _watch(self) -> None:
         while not self._stop.wait(self.interval):
@@ -225,8 +230,7 @@ def _stop_on_sigterm():
         return None
 
     def stop(signum, frame):
-        raise BuildStopped("the build was stopped (SIGTERM, e.g. ray job stop); nothing "
-                           "published, its uploads aborted")
+        raise _Signalled("SIGTERM")
 
     return signal.signal(signal.SIGTERM, stop)
 
@@ -463,7 +467,7 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
                 {**extra, "data_path": config.document_prefix}))
         else:
             manifest = finish_shards(config, writers, extra, options)
-    except BaseException:
+    except BaseException as error:
         if watch.lost:  # no Ray call can answer now; the watch has cleaned up
             raise RuntimeLost(LOST_RUNTIME.format(watch.lost)) from None
         with _signals_ignored():
@@ -473,9 +477,12 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
             abort_uploads(config, options, uploads)
             with contextlib.suppress(Exception):  # a writer itself may be what died
                 ray.get([w.abort.remote() for w in writers], timeout=60)
-        if isinstance(sys.exc_info()[1], ray.exceptions.RayActorError):
+        if isinstance(error, ray.exceptions.RayActorError):
             raise BuildFailed("a writer's process or node was lost during the build; nothing "
                               "published, its uploads aborted") from None
+        if isinstance(error, _Signalled):
+            raise BuildStopped("the build was stopped (SIGTERM, e.g. ray job stop); nothing "
+                               "published, its uploads aborted") from None
         raise
     finally:
         if sigterm is not None:
