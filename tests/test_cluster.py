@@ -279,7 +279,9 @@ def test_ray_job_stop_ends_the_build_with_nothing_published_or_pending(cluster, 
     from object_store import s3_server
     from sftprep.sink import pending_uploads
 
-    data = write_jsonl(tmp_path / "t.jsonl", alpaca_samples(3000, seed=3))
+    # S=1024, one sample a document: the upload starts at 8 MiB (~1,000 documents), a sixth
+    # of the way; the rest leaves the stop time to arrive mid-build.
+    data = write_jsonl(tmp_path / "t.jsonl", alpaca_samples(6000, seed=3))
     spill = tmp_path / "spill"
     spill.mkdir()
     job_id = f"stop-{uuid.uuid4().hex[:8]}"
@@ -293,7 +295,7 @@ def test_ray_job_stop_ends_the_build_with_nothing_published_or_pending(cluster, 
              "--submission-id", job_id, "--no-wait",
              "--runtime-env-json", json.dumps({"env_vars": store.env}), "--",
              "python", "jobs/build.py", "--input", data, "--tokenizer", qwen_dir,
-             "--seq-length", "4096", "--packing", "none", "--output-prefix", prefix,
+             "--seq-length", "1024", "--packing", "none", "--output-prefix", prefix,
              "--spill-dir", str(spill), "--workers", "1", "--batch-size", "16",
              "--block-records", "32", "--no-progress"],
             env=env, check=True, capture_output=True, timeout=300)
