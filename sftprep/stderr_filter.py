@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import re
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -178,4 +179,8 @@ def pump(job: int, lost_line: str, src: int = 0, dst: int = 1) -> None:
 
 
 if __name__ == "__main__":
+    # Stopping the job (Ctrl-C, ray job stop's SIGTERM to the job's process tree) must not
+    # stop its stderr before the job's last line: the filter ends when the job's fd 2 closes.
+    for stop in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop, signal.SIG_IGN)
     pump(int(sys.argv[1]), sys.argv[2])
