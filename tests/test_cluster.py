@@ -279,9 +279,9 @@ def test_ray_job_stop_ends_the_build_with_nothing_published_or_pending(cluster, 
     from object_store import s3_server
     from sftprep.sink import pending_uploads
 
-    # S=1024, one sample a document: the upload starts at 8 MiB (~1,000 documents), a sixth
+    # S=1024, one sample a document: the upload starts at 8 MiB (~1,000 documents), a tenth
     # of the way; the rest leaves the stop time to arrive mid-build.
-    data = write_jsonl(tmp_path / "t.jsonl", alpaca_samples(6000, seed=3))
+    data = write_jsonl(tmp_path / "t.jsonl", alpaca_samples(10000, seed=3))
     spill = tmp_path / "spill"
     spill.mkdir()
     job_id = f"stop-{uuid.uuid4().hex[:8]}"
@@ -304,8 +304,11 @@ def test_ray_job_stop_ends_the_build_with_nothing_published_or_pending(cluster, 
                                                                   store.storage_options):
             time.sleep(0.2)
         assert pending_uploads(prefix, store.storage_options), "no upload started"
-        subprocess.run(["ray", "job", "stop", "--address", cluster.address, job_id],
-                       env=env, capture_output=True, timeout=300)
+        stop = urllib.request.Request(f"{cluster.address}/api/jobs/{job_id}/stop",
+                                      method="POST",
+                                      headers={"Authorization": f"Bearer {cluster.token}"})
+        with urllib.request.urlopen(stop, timeout=60) as reply:  # what `ray job stop` asks
+            assert json.load(reply)["stopped"]
         status = ""
         while time.monotonic() < deadline and status not in ("STOPPED", "FAILED", "SUCCEEDED"):
             status = _get(cluster.address, cluster.token, f"/api/jobs/{job_id}")["status"]
