@@ -17,7 +17,7 @@ import os
 import sys
 
 from sftprep.config import REQUIRED, flags, naming
-from sftprep.errors import Invalid, did_you_mean, user_error
+from sftprep.errors import Failed, Invalid, did_you_mean, user_error
 
 
 BUILD_DOC = """\
@@ -139,15 +139,16 @@ def run(main) -> None:
     except BrokenPipeError:  # `... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except Exception as e:  # unwrap errors raised inside Ray tasks and actors
+        cause = user_error(e)
         pipeline = sys.modules.get("sftprep.pipeline")  # only a build imports it (and Ray)
-        if pipeline and isinstance(e, pipeline.RuntimeLost):
-            print(f"error: {e}", file=sys.stderr)  # Ray's exit handlers would wait on the
-            sys.stderr.flush()                     # dead runtime: skip them
+        if pipeline and isinstance(cause, pipeline.RuntimeLost):
+            print(f"error: {cause}", file=sys.stderr)  # Ray's exit handlers would wait on the
+            sys.stderr.flush()                         # dead runtime: skip them
             pipeline.abandon_local_runtime()
             os._exit(1)
-        cause = user_error(e)
-        if isinstance(cause, Invalid):
-            print(f"invalid: {cause}", file=sys.stderr)
+        if isinstance(cause, (Invalid, Failed)):
+            print(f"{'invalid' if isinstance(cause, Invalid) else 'error'}: {cause}",
+                  file=sys.stderr)
             code = 1
         elif cause is not None:
             print(f"error: {cause}", file=sys.stderr)

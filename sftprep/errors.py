@@ -18,6 +18,12 @@ class Invalid(Error):
     """Built files break the SFT layout (``verify``); the command line exits 1 for these."""
 
 
+class Failed(Error):
+    """A build that could not finish through no fault of its input: its Ray runtime or a
+    writer was lost, or it was stopped. Nothing was published and nothing it started is left
+    pending; the command line exits 1."""
+
+
 def user_error(e: BaseException) -> Error | None:
     """The user error ``e`` is or wraps (Ray's task errors carry it as ``cause``), else None.
     A missing file the user named counts as one."""

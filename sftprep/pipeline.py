@@ -18,11 +18,12 @@ never runs far ahead of tokenizing and memory stays flat as the input grows.
 
 from __future__ import annotations
 
-import _thread
 import contextlib
 import dataclasses
+import json
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -37,18 +38,20 @@ import sftprep
 from sftprep import tokenizer_files
 from sftprep.config import BuildConfig, ConfigError, validate
 from sftprep.encode import Setup, prepare
+from sftprep.errors import Failed
 from sftprep.ray_compat import (progress_bars, read_datasource, read_task,
                                 with_object_store_limit)
 from sftprep.sources import SCHEMA as RECORD_SCHEMA
 from sftprep.shards import (assemble_manifest, shard_of_tasks, shard_prefix, task_ranges,
-                            task_reach, task_span, write_manifest)
+                            task_reach, task_span, unnamed_shards, write_manifest)
+from sftprep.sink import abort_upload, pending_uploads
 from sftprep.sources import (InputFile, ReadRange, auto_split_bytes, count_records,
                              expand_inputs, mixture_plan, parse_source, plan_reads, read_range)
 from sftprep.storage import filesystem, is_remote, redact, resolve_options
 from sftprep.template import load_tokenizer
 from sftprep.tokenize import GUARD_EVERY, GUARD_LINES, Tokenize, TokenizeSpec
-from sftprep.writer import (MANIFEST, STALE_ORDER, SUFFIXES, SFTWriter, remove_stale,
-                            remove_temporary)
+from sftprep.writer import (MANIFEST, REJECTS, STALE_ORDER, SUFFIXES, SFTWriter,
+                            remove_stale, remove_temporary)
 
 READ_CPUS = 0.1
 ACTOR_CPU_SHARE = 0.9
@@ -105,53 +108,134 @@ def ensure_ray(verbose: bool = False) -> None:
             handler.setLevel(logging.INFO if verbose else logging.ERROR)
 
 
-class RuntimeLost(RuntimeError):
+logger = logging.getLogger(__name__)
+
+
+class BuildFailed(Failed):
+    """The build could not finish (not the input's fault); the message is the one line to
+    show. Nothing was published, and nothing it started is left pending."""
+
+
+class _Signalled(BaseException):
+    """Raised by this module's signal handlers in whatever Ray call the main thread is in; a
+    BaseException, as KeyboardInterrupt, so Ray Data passes it on instead of logging it as an
+    error of its own. The build turns it into its one-line error."""
+
+
+class RuntimeLost(Failed):
     """The local Ray runtime this process started stopped under it (killed from outside)."""
+
+
+# The one line for a lost local runtime, whoever says it: the build, or the job's stderr filter
+# (``stderr_filter``) when Ray's core ended the process before the build could.
+LOST_RUNTIME = "the local Ray runtime stopped during the job ({} exited); nothing written"
 
 
 class LocalRuntimeWatch:
     """Between start and stop, watch the GCS and raylet of a local runtime this driver started.
 
     Killed from outside, the runtime leaves the driver blocked in Ray calls until Ray's core
-    gives up on its GCS a minute later and ends the process without a word. Instead, the
-    moment either exits, ``lost`` names it and the main thread is interrupted.
-    A cluster this driver joined (``ray job submit``) is not ours to watch.
+    gives up on its GCS a minute later, or ends the process the moment a thread touches the
+    dead raylet's object store, in either case without a word. Instead, the moment either
+    exits, ``lost`` names it, ``on_lost`` cleans up what this node holds, and the main thread
+    gets ``RuntimeLost`` by a signal of its own (SIGUSR2 while the watch runs), not by a
+    simulated Ctrl-C: a job started in the background ignores SIGINT, which turned
+    ``_thread.interrupt_main`` into a no-op. If the main thread is stuck in a call no signal
+    reaches, the process ends after ``grace`` seconds (exit 1; the CLI's stderr filter says
+    why). A cluster this driver joined (``ray job submit``) is not ours to watch.
     """
 
     WATCHED = ("gcs_server", "raylet")
+    SIGNAL = signal.SIGUSR2
 
-    def __init__(self, interval: float = 0.5):
-        self.interval = interval
+    def __init__(self, on_lost: Callable[[], None] | None = None, interval: float = 0.1,
+                 grace: float = 10.0):
+        self.interval, self.grace, self.on_lost = interval, grace, on_lost
         self.lost: str | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()  # no interrupt once stop() has returned
-        # A build called from another thread is not the main thread's to interrupt.
-        self._interrupt = threading.current_thread() is threading.main_thread()
+        self._previous = None
+        self._processes: list = []
+
+    def _find(self) -> list:
         node = ray._private.worker._global_node  # set only when this process started Ray
         running = node.all_processes if node is not None else {}
-        self._processes = [(kind, info.process) for kind in self.WATCHED
-                           for info in running.get(kind, []) if info.process.poll() is None]
+        return [(kind, info.process) for kind in self.WATCHED
+                for info in running.get(kind, []) if info.process.poll() is None]
 
     def start(self) -> "LocalRuntimeWatch":
-        if self._processes:
-            threading.Thread(target=self._watch, name="ray-runtime-watch", daemon=True).start()
+        """Watch the runtime this process started, or will start (it is looked for until then)."""
+        if ray.is_initialized() and not self._find():
+            return self  # a cluster this driver joined
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(self.SIGNAL, self._raise)
+        threading.Thread(target=self._watch, name="ray-runtime-watch", daemon=True).start()
         return self
 
     def stop(self) -> None:
         with self._lock:
             self._stop.set()
+        if self._previous is not None:
+            signal.signal(self.SIGNAL, self._previous)
+            self._previous = None
+
+    def _raise(self, signum, frame) -> None:
+        if self.lost:
+            raise _Signalled(LOST_RUNTIME.format(self.lost))
 
     def _watch(self) -> None:
         while not self._stop.wait(self.interval):
-            for kind, process in self._processes:
-                if process.poll() is not None:
-                    with self._lock:
-                        if self._stop.is_set():
-                            return
-                        self.lost = kind
-                        if self._interrupt:
-                            _thread.interrupt_main()
+            if not self._processes:
+                self._processes = self._find()
+            lost = next((kind for kind, p in self._processes if p.poll() is not None), None)
+            if lost is None:
+                continue
+            with self._lock:
+                if self._stop.is_set():
                     return
+                self.lost = lost
+            if self.on_lost is not None:
+                with contextlib.suppress(Exception):
+                    self.on_lost()
+            # Only the main thread that started the watch is interrupted (a build run from
+            # another thread of a long-lived process ends when its Ray calls fail).
+            if self._previous is not None:
+                signal.pthread_kill(threading.main_thread().ident, self.SIGNAL)
+            if not self._stop.wait(self.grace):
+                os._exit(1)
+            return
+
+
+@contextlib.contextmanager
+def watched_runtime(on_lost: Callable[[], None] | None = None) -> Iterator[LocalRuntimeWatch]:
+    """Run the body under a ``LocalRuntimeWatch``: a lost local runtime ends it with
+    ``RuntimeLost`` (one line), whatever the body was doing."""
+    watch = LocalRuntimeWatch(on_lost).start()
+    try:
+        yield watch
+    except BaseException:
+        if watch.lost:
+            raise RuntimeLost(LOST_RUNTIME.format(watch.lost)) from None
+        raise
+    finally:
+        watch.stop()
+
+
+class BuildStopped(BuildFailed):
+    """SIGTERM (``ray job stop``, a scheduler's stop) during the build."""
+
+
+def _stop_on_sigterm():
+    """From now on SIGTERM raises ``BuildStopped``, so the build's clean-up runs and the job
+    ends non-zero in one line, not by Ray's handler's ``sys.exit`` without a word. Returns the
+    handler to put back (None off the main thread, where handlers cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        raise _Signalled("SIGTERM")
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 def abandon_local_runtime() -> None:
@@ -162,15 +246,17 @@ def abandon_local_runtime() -> None:
 
 
 @contextlib.contextmanager
-def _sigint_ignored():
+def _signals_ignored():
+    """A second Ctrl-C or SIGTERM must not cut the clean-up short."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def tokenize_spec(config: BuildConfig) -> TokenizeSpec:
@@ -303,11 +389,74 @@ def check_output_free(config: BuildConfig) -> None:
         raise ConfigError(f"output exists: {', '.join(existing)}; pass --overwrite to replace it")
 
 
+def _is_output_file(config: BuildConfig, url: str) -> bool:
+    """Whether ``url`` is one of the files a build at ``config.output.prefix`` writes (any
+    number of shards)."""
+    names = "|".join(re.escape(s) for s in (*SUFFIXES, MANIFEST, REJECTS))
+    pattern = re.escape(config.output.prefix) + rf"(_\d+)?_text_document({names})"
+    return re.fullmatch(pattern, url) is not None
+
+
+def abort_uploads(config: BuildConfig, options: dict, started: list[tuple[str, str]]) -> None:
+    """Abort the uploads this build started (``started``, in that order), then any other still
+    pending on its output files (one a writer started but could not report)."""
+    for url, upload in [*started, *(u for u in _pending_output_uploads(config, options)
+                                    if u not in started)]:
+        with contextlib.suppress(Exception):  # completed, or already aborted by its writer
+            abort_upload(url, upload, options)
+
+
+def _pending_output_uploads(config: BuildConfig, options: dict) -> list[tuple[str, str]]:
+    if not is_remote(config.output.prefix):
+        return []
+    try:
+        found = pending_uploads(config.output.prefix, options)
+    except Exception:  # a store without a listing of uploads: nothing to find
+        return []
+    return [(url, upload) for url, upload in found if _is_output_file(config, url)]
+
+
+def remove_unnamed_shards(config: BuildConfig, options: dict) -> None:
+    """Remove the shards at this prefix that no manifest names (``shards.unnamed_shards``):
+    a sharded build that stopped before its manifest left them, saying so in one line."""
+    fs, path = filesystem(config.document_prefix, options)
+    manifest = {}
+    if fs.exists(path + MANIFEST):
+        with fs.open(path + MANIFEST, "rb") as f:
+            manifest = json.load(f)
+
+    def has_files(prefix: str) -> bool:
+        fs, path = filesystem(prefix, options)
+        return any(fs.exists(path + s) for s in STALE_ORDER)
+
+    unnamed = unnamed_shards(config.output.prefix, manifest, has_files)
+    for prefix in unnamed:
+        remove_stale(prefix, options)
+    if unnamed:
+        logger.warning(f"[sftprep] removed {len(unnamed)} shard{'s' * (len(unnamed) != 1)} "
+                       f"that no manifest names (a build stopped before it finished): "
+                       f"{', '.join(unnamed)}")
+
+
+def abort_stale_uploads(config: BuildConfig, options: dict) -> None:
+    """Abort the uploads an earlier build at this prefix left pending (a driver killed
+    outright cannot abort its own), saying so in one line."""
+    stale = _pending_output_uploads(config, options)
+    for url, upload in stale:
+        abort_upload(url, upload, options)
+    if stale:
+        names = ", ".join(sorted({url for url, _ in stale}))
+        logger.warning(f"[sftprep] aborted {len(stale)} pending upload"
+                       f"{'s' * (len(stale) != 1)} an earlier build left unfinished: {names}")
+
+
 def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None) -> dict:
     """Run the whole build; return the manifest (whose ``summary`` has the figures)."""
     validate(config)
     started = time.time()
     files = expand_inputs(config.source.inputs, config.source.storage_options)
+    remove_unnamed_shards(config, resolve_options([config.document_prefix],
+                                                  config.source.storage_options))
     check_output_free(config)
     tokenizer = in_background(lambda: loaded_tokenizer(config))
     ensure_ray(config.run.verbose)  # Ray's start is mostly waiting: the tokenizer loads meanwhile
@@ -316,15 +465,24 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
     options = resolve_options([config.document_prefix], config.source.storage_options)
     task_shard = shard_of_tasks([r.size * r.select.keep // r.select.total if r.select else r.size
                                  for r in plan], config.output.shards)
+    abort_stale_uploads(config, options)
     writers = start_writers(config, files, plan, tok, options, task_shard)
     leftovers = ray.get([w.leftovers.remote() for w in writers])
     writer_pids = [pid for pid, _ in leftovers]
     temporary = [p for _, paths in leftovers for p in paths]
-    watch = LocalRuntimeWatch().start()
+    uploads: list[tuple[str, str]] = []  # (url, upload id) the writers started, in that order
+
+    def node_lost() -> None:  # no Ray call can answer now; the writers' files are on this node
+        stop_processes(writer_pids)  # a writer outlives its raylet a moment: stop it first
+        remove_temporary(temporary)
+        abort_uploads(config, options, uploads)
+
+    watch = LocalRuntimeWatch(on_lost=node_lost).start()
+    sigterm = _stop_on_sigterm()
     try:
         reach = task_reach([r.pass_key for r in plan], task_ranges(task_shard, len(writers)))
         feed(tokenized_dataset(config, plan, setup=setup), writers, reach, on_progress, started,
-             len(plan))
+             len(plan), uploads)
         elapsed = time.time() - started
         checks = " and ".join([*(["HF re-encoded"] if setup.backend == "fast" else []),
                                *(["Jinja re-rendered"] if setup.renderer == "traced" else [])])
@@ -352,19 +510,26 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
             "config": redact(asdict(config)),
         }
         manifest = finish_shards(config, writers, extra, options)
-    except BaseException:
-        if watch.lost:  # no Ray call can answer now; the writers' files are on this node
-            stop_processes(writer_pids)  # a writer outlives its raylet a moment: stop it first
+    except BaseException as error:
+        if watch.lost:  # no Ray call can answer now; the watch has cleaned up
+            raise RuntimeLost(LOST_RUNTIME.format(watch.lost)) from None
+        with _signals_ignored():
+            # What the driver can do itself first: a stop (SIGTERM) is followed by SIGKILL
+            # within seconds (ray job stop: 3 s), and the writers die with the driver.
             remove_temporary(temporary)
-            raise RuntimeLost(f"the local Ray runtime stopped during the build ({watch.lost} "
-                              "exited); nothing written") from None
-        with _sigint_ignored():  # a second Ctrl-C must not cut the clean-up short
-            try:
+            abort_uploads(config, options, uploads)
+            with contextlib.suppress(Exception):  # a writer itself may be what died
                 ray.get([w.abort.remote() for w in writers], timeout=60)
-            except Exception:  # a writer itself may be what died
-                remove_temporary(temporary)
+        if isinstance(error, ray.exceptions.RayActorError):
+            raise BuildFailed("a writer's process or node was lost during the build; nothing "
+                              "published, its uploads aborted") from None
+        if isinstance(error, _Signalled):
+            raise BuildStopped("the build was stopped (SIGTERM, e.g. ray job stop); nothing "
+                               "published, its uploads aborted") from None
         raise
     finally:
+        if sigterm is not None:
+            signal.signal(signal.SIGTERM, sigterm)
         watch.stop()
         if not watch.lost:
             for w in writers:
@@ -443,12 +608,13 @@ def start_writers(config: BuildConfig, files: list[InputFile], plan: list[ReadRa
 
 
 def feed(ds: ray.data.Dataset, writers: list, reach: list[tuple[int, int]],
-         on_progress: Callable[[dict], None] | None, started: float, tasks: int = 0) -> None:
+         on_progress: Callable[[dict], None] | None, started: float, tasks: int = 0,
+         uploads: list | None = None) -> None:
     """Hand every block, in input order, to the writer(s) whose ``reach`` (``shards.task_reach``)
     its rows fall in; the writers' answers give the progress (of ``tasks`` read tasks), reported
-    after every block (``sftprep.progress`` decides how often to show it). With one writer no
-    routing is needed; with several, a zero-CPU task names each block's first and last read
-    task."""
+    after every block (``sftprep.progress`` decides how often to show it), and the multipart
+    uploads they started (added to ``uploads``). With one writer no routing is needed; with
+    several, a zero-CPU task names each block's first and last read task."""
     in_flight: deque = deque()
     spans: deque = deque()
     latest = [{} for _ in writers]
@@ -457,6 +623,9 @@ def feed(ds: ray.data.Dataset, writers: list, reach: list[tuple[int, int]],
         while len(in_flight) > limit:
             k, ref = in_flight.popleft()
             latest[k] = ray.get(ref)
+            upload = latest[k].pop("upload", None)
+            if uploads is not None and upload and tuple(upload) not in uploads:
+                uploads.append(tuple(upload))
             if on_progress:
                 total = {key: sum(p.get(key, 0) for p in latest) for key in latest[k]}
                 on_progress({**total, "read_tasks_total": tasks,

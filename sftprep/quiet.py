@@ -3,7 +3,8 @@
 A notebook kernel and a command see the same quiet job: transformers' advisories ("PyTorch was
 not found") and warnings; Ray's Python loggers below errors (its info lines, "Missing
 packages: ['ipywidgets']"); Ray's native core, whose log lines ("[2026-01-01 12:00:00,000 E 123
-123] core_worker.cc:..") go to fd 2 as well as to the session's python-core-driver log; and
+123] core_worker.cc:..") go to fd 2 as well as to the session's python-core-driver log (dropped by
+``stderr_filter``, a process that also says the one line for a lost runtime); and
 tqdm's warning without ipywidgets. Everything changed here is restored on the way out, so a
 long-lived process keeps its own settings. The workers' output: ``pipeline.ensure_ray``.
 """
@@ -13,12 +14,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import sys
-import threading
 import warnings
 
-RAY_NATIVE_LOG_LINE = re.compile(rb"^\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [IWE] \d+ \d+\] ")
 ENVIRONMENT = {"TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
 LOGGERS = ("ray", "ray.data", "transformers")
 
@@ -44,7 +42,13 @@ def quiet(verbose: bool = False):
             logging.getLogger("ray").setLevel(logging.ERROR)
             stack.enter_context(warnings.catch_warnings())
             warnings.filterwarnings("ignore", message="IProgress not found")
-            stack.callback(_filter_native_stderr())
+            from sftprep import stderr_filter
+            from sftprep.pipeline import LOST_RUNTIME, RuntimeLost
+
+            f = stderr_filter.start("error: " + LOST_RUNTIME)
+            # After a lost runtime Ray's threads log on until the process ends: keep filtering
+            stack.push(lambda kind, e, tb: stderr_filter.finish(
+                f, restore=not isinstance(e, RuntimeLost)))
         with stack:
             yield
     finally:
@@ -84,27 +88,3 @@ def _restore_logger(lg: logging.Logger, level: int, handlers: list, states: list
     for h, h_level, formatter in states:
         h.setLevel(h_level)
         h.setFormatter(formatter)
-
-
-def _filter_native_stderr():
-    """Route fd 2 through a thread that drops Ray's native log lines and passes the rest;
-    return the function that puts fd 2 back (after the filter passed what it still holds)."""
-    read_fd, write_fd = os.pipe()
-    terminal = os.dup(2)
-    os.dup2(write_fd, 2)
-    os.close(write_fd)
-
-    def pump() -> None:
-        with os.fdopen(read_fd, "rb") as src, os.fdopen(terminal, "wb", buffering=0) as dst:
-            for line in src:
-                if not RAY_NATIVE_LOG_LINE.match(line):
-                    dst.write(line)
-
-    thread = threading.Thread(target=pump, name="stderr-filter", daemon=True)
-    thread.start()
-
-    def restore() -> None:
-        sys.stderr.flush()
-        os.dup2(terminal, 2)  # the pipe's last writer closes: the pump reads to the end
-        thread.join(timeout=5)
-    return restore

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+from typing import Callable
 
 import pyarrow as pa
 import ray
@@ -78,6 +79,23 @@ def task_span(block: pa.Table) -> tuple[int, int] | None:
 
 def shard_prefix(output_prefix: str, k: int) -> str:
     return f"{output_prefix}_{k}_text_document"
+
+
+def unnamed_shards(output_prefix: str, manifest: dict, has_files: Callable[[str], bool]
+                   ) -> list[str]:
+    """The shard prefixes ``<output_prefix>_<k>_text_document`` (k = 0, 1, ... while
+    ``has_files``) that ``manifest`` (the output's; {} when there is none) does not name.
+
+    A sharded build publishes its shards, then the manifest naming them: the manifest is the
+    commit point of the set, and shards no manifest names are left by a build that stopped
+    before it, never an output."""
+    named = {s["prefix"] for s in manifest.get("shards", [])}
+    found, k = [], 0
+    while has_files(shard_prefix(output_prefix, k)):
+        if shard_prefix(output_prefix, k) not in named:
+            found.append(shard_prefix(output_prefix, k))
+        k += 1
+    return found
 
 
 def data_path_argument(shards: list[dict]) -> str:

@@ -40,7 +40,19 @@ class _S3:
     def __init__(self, url: str, storage_options: dict | None):
         self.fs, path = filesystem(url, storage_options)
         self.bucket, _, self.key = path.partition("/")
+        self.name = self.bucket
         self.upload_id = None
+
+    def pending(self) -> list[tuple[str, str]]:
+        """``(key, upload id)`` of the uploads under ``key`` not completed or aborted, oldest
+        first."""
+        found, kw = [], {"Bucket": self.bucket, "Prefix": self.key}
+        while True:
+            r = self.fs.call_s3("list_multipart_uploads", **kw)
+            found += [(u["Initiated"], u["Key"], u["UploadId"]) for u in r.get("Uploads", [])]
+            if not r.get("IsTruncated"):
+                return [(key, upload) for _, key, upload in sorted(found)]
+            kw.update(KeyMarker=r["NextKeyMarker"], UploadIdMarker=r["NextUploadIdMarker"])
 
     def start(self) -> None:
         r = self.fs.call_s3("create_multipart_upload", Bucket=self.bucket, Key=self.key)
@@ -72,7 +84,12 @@ class _OSS:
         _, path = filesystem(url, storage_options)
         bucket, _, self.key = path.partition("/")
         self.bucket = oss_bucket(options_for(url, storage_options), bucket)
+        self.name = bucket
         self.upload_id = None
+
+    def pending(self) -> list[tuple[str, str]]:
+        found = self.oss2.MultipartUploadIterator(self.bucket, prefix=self.key)
+        return [(u.key, u.upload_id) for u in sorted(found, key=lambda u: u.initiation_date)]
 
     def start(self) -> None:
         self.upload_id = self.bucket.init_multipart_upload(self.key).upload_id
@@ -111,6 +128,10 @@ class _Fsspec:
     def __init__(self, url: str, storage_options: dict | None):
         self.fs, self.path = filesystem(url, storage_options)
         self.file = None
+        self.upload_id = None
+
+    def pending(self) -> list[tuple[str, str]]:
+        return []  # nothing a run could leave pending
 
     def start(self) -> None:
         self.file = self.fs.open(self.path, "wb")
@@ -148,14 +169,38 @@ def _store_error(url: str, e: Exception) -> OSError:
     return kind(f"upload to {url} failed: {detail}")
 
 
+def _store(url: str, storage_options: dict | None):
+    family = "s3" if protocol(url) in ("s3", "s3a") else protocol(url)
+    return {"s3": _S3, "oss": _OSS}.get(family, _Fsspec)(url, storage_options)
+
+
+def pending_uploads(url_prefix: str, storage_options: dict | None = None
+                    ) -> list[tuple[str, str]]:
+    """``(object URL, upload id)`` of every multipart upload under ``url_prefix`` that was
+    neither completed nor aborted, oldest first: parts billed as storage, and invisible in a
+    listing of the objects."""
+    store = _store(url_prefix, storage_options)
+    scheme = protocol(url_prefix)
+    return [(f"{scheme}://{store.name}/{key}", upload) for key, upload in store.pending()]
+
+
+def abort_upload(url: str, upload_id: str, storage_options: dict | None = None) -> None:
+    """Abort the multipart upload ``upload_id`` of ``url`` (its parts are deleted)."""
+    store = _store(url, storage_options)
+    store.upload_id = upload_id
+    try:
+        store.abort()
+    except Exception as e:
+        raise _store_error(url, e) from e
+
+
 class MultipartSink:
     """Write-only file streaming to ``url`` in parts through ``spill_dir`` (see the module)."""
 
     def __init__(self, url: str, storage_options: dict | None = None,
                  spill_dir: str | None = None, first_part: int = FIRST_PART):
         self.url = url
-        family = "s3" if protocol(url) in ("s3", "s3a") else protocol(url)
-        self.store = {"s3": _S3, "oss": _OSS}.get(family, _Fsspec)(url, storage_options)
+        self.store = _store(url, storage_options)
         self.first_part = first_part
         self.dir = tempfile.mkdtemp(prefix="sftprep-parts-", dir=spill_dir)
         self.size = 0
@@ -172,6 +217,11 @@ class MultipartSink:
 
     def _open_part(self):
         return open(os.path.join(self.dir, f"part-{self._number:05d}"), "wb")
+
+    @property
+    def upload_id(self) -> str | None:
+        """The store's id of this object's multipart upload, once its first part is sent."""
+        return self.store.upload_id
 
     def tell(self) -> int:
         return self.size

@@ -385,7 +385,13 @@ def run(config: StatsConfig) -> dict:
 
 
 def measure(config: StatsConfig) -> tuple[dict, SampleLengths]:
-    """``run``'s statistics, and the per-sample lengths they come from (for a plot)."""
+    """``run``'s statistics, and the per-sample lengths they come from (for a plot). A lost
+    local Ray runtime ends it with ``pipeline.RuntimeLost`` (one line), as a build."""
+    with pipeline.watched_runtime():
+        return _measure(config)
+
+
+def _measure(config: StatsConfig) -> tuple[dict, SampleLengths]:
     validate_stats(config)
     files = expand_inputs(config.source.inputs, config.source.storage_options)
     out_dir = config.output.dir

@@ -49,6 +49,8 @@ from jinja2.compiler import CodeGenerator
 from jinja2.nodes import EvalContext
 from markupsafe import Markup
 
+from sftprep import sandbox
+
 MAX_TRACES = 32      # guard outcomes kept per shape; beyond them that shape renders with Jinja
 MAX_SHAPES = 20_000  # shapes remembered and traced; beyond them new shapes render with Jinja
 
@@ -355,7 +357,7 @@ class _Codegen(CodeGenerator):
 
 
 def _instrumented(Sandbox):
-    """The sandbox class with proxies routed through the tracer (``_environment``'s hook)."""
+    """The sandbox class with proxies routed through the tracer (``sandbox.environment``'s hook)."""
 
     class Tracing(Sandbox):
         code_generator_class = _Codegen
@@ -437,9 +439,7 @@ def _pure(env, fn, name: str, test: bool):
 
 def _tracing_template(chat_template: str):
     """The template compiled in the instrumented sandbox, and that environment."""
-    from sftprep.template import _environment  # template imports this module when it renders
-
-    env = _environment(_instrumented)
+    env = sandbox.environment(_instrumented)
     env.filters = {name: _structural(env, f, name) if name in STRUCTURAL_FILTERS
                    else _pure(env, f, name, False) for name, f in env.filters.items()}
     env.tests = {name: _pure(env, f, name, True) for name, f in env.tests.items()}

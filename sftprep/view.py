@@ -5,25 +5,49 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
 
 import numpy as np
 
 from sftprep import idxmap, trainer
 from sftprep.idxmap import MANIFEST
+from sftprep.shards import unnamed_shards
+from sftprep.writer import STALE_ORDER
 
 TRAINED = ("\x1b[32m", "\x1b[0m")  # green on a terminal
 TRAINED_PLAIN = ("⟦", "⟧")
 
 
+SHARD = re.compile(r"(.*)_\d+_text_document")
+
+
+class IncompleteBuild(FileNotFoundError):
+    """Shard files that no manifest names: a sharded build stopped before its manifest, the
+    commit point of the shard set, was written."""
+
+
 def find_prefix(given: str) -> str:
     """The files' prefix for what a person typed: the prefix itself, the build's
-    ``--output-prefix`` (without ``_text_document``), or one of the files' names."""
+    ``--output-prefix`` (without ``_text_document``), or one of the files' names. Shards that
+    no manifest names are an incomplete build (``IncompleteBuild``), not an output."""
     stem = given
     for suffix in (".bin", ".idx", MANIFEST, ".rejects.jsonl"):
         if stem.endswith(suffix):
             stem = stem[:-len(suffix)]
             break
     tried = [stem] if stem.endswith("_text_document") else [stem, stem + "_text_document"]
+    shard = SHARD.fullmatch(stem)
+    output = shard.group(1) if shard else stem.removesuffix("_text_document")
+    unnamed = unnamed_shards(output, manifest_of(output + "_text_document"),
+                             lambda p: any(os.path.exists(p + s) for s in STALE_ORDER))
+    if unnamed and (stem in unnamed or not shard and not any(
+            os.path.exists(idxmap.idx_path(p)) for p in tried)):
+        manifest = f"{output}_text_document{MANIFEST}"
+        why = "does not name them" if os.path.exists(manifest) else "is missing"
+        raise IncompleteBuild(
+            f"{given}: an incomplete build: {', '.join(unnamed)} with no manifest naming them "
+            f"({manifest} {why}); the build stopped before it finished: build again (it "
+            "removes them)")
     for prefix in tried:
         if os.path.exists(idxmap.idx_path(prefix)) and os.path.exists(idxmap.bin_path(prefix)):
             return prefix

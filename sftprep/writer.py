@@ -242,7 +242,10 @@ class SFTWriter:
                 self._problem(status, {n: cols[n][i] for n in cols})
         self._write_pending()
         self.write_seconds += time.perf_counter() - t0
-        return self.progress()
+        reply = self.progress()
+        if self.remote and self._bin.upload_id:  # the driver aborts it if this writer is lost
+            reply["upload"] = (self._bin.url, self._bin.upload_id)
+        return reply
 
     def _problem(self, status: str, row: dict) -> None:
         where = self.origins.locate(row["file"], row["line"], row["element"])

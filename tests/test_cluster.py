@@ -270,3 +270,54 @@ def test_losing_a_worker_node_mid_run_changes_no_byte(cluster, ray_session, qwen
     assert len(ran) >= 2, ran  # tokenizer actors were placed on several nodes
     assert read(prefix) == read(tmp_path / "one")
     assert os.path.getsize(f"{prefix}_text_document.bin") > written_at_kill
+
+
+def test_ray_job_stop_ends_the_build_with_nothing_published_or_pending(cluster, qwen_dir,
+                                                                       tmp_path):
+    """``ray job stop`` mid-upload: the job ends non-zero in one line; no object, no pending
+    multipart upload, no temporary file."""
+    from object_store import s3_server
+    from sftprep.sink import pending_uploads
+
+    # S=1024, one sample a document: the upload starts at 8 MiB (~1,000 documents), a tenth
+    # of the way; the rest leaves the stop time to arrive mid-build.
+    data = write_jsonl(tmp_path / "t.jsonl", alpaca_samples(10000, seed=3))
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    job_id = f"stop-{uuid.uuid4().hex[:8]}"
+    env = _env(cluster.token)
+    with s3_server() as store:
+        bucket = f"stop-{uuid.uuid4().hex[:8]}"
+        store.create_bucket(bucket)
+        prefix = f"s3://{bucket}/out/sft"
+        subprocess.run(
+            ["ray", "job", "submit", "--address", cluster.address, "--working-dir", ROOT,
+             "--submission-id", job_id, "--no-wait",
+             "--runtime-env-json", json.dumps({"env_vars": store.env}), "--",
+             "python", "jobs/build.py", "--input", data, "--tokenizer", qwen_dir,
+             "--seq-length", "1024", "--packing", "none", "--output-prefix", prefix,
+             "--spill-dir", str(spill), "--workers", "1", "--batch-size", "16",
+             "--block-records", "32", "--no-progress"],
+            env=env, check=True, capture_output=True, timeout=300)
+        deadline = time.monotonic() + JOB_SECONDS
+        while time.monotonic() < deadline and not pending_uploads(prefix,
+                                                                  store.storage_options):
+            time.sleep(0.2)
+        assert pending_uploads(prefix, store.storage_options), "no upload started"
+        stop = urllib.request.Request(f"{cluster.address}/api/jobs/{job_id}/stop",
+                                      method="POST",
+                                      headers={"Authorization": f"Bearer {cluster.token}"})
+        with urllib.request.urlopen(stop, timeout=60) as reply:  # what `ray job stop` asks
+            assert json.load(reply)["stopped"]
+        status = ""
+        while time.monotonic() < deadline and status not in ("STOPPED", "FAILED", "SUCCEEDED"):
+            status = _get(cluster.address, cluster.token, f"/api/jobs/{job_id}")["status"]
+            time.sleep(0.5)
+        logs = subprocess.run(["ray", "job", "logs", "--address", cluster.address, job_id],
+                              env=env, capture_output=True, text=True, timeout=300).stdout
+        assert status == "STOPPED", status
+        assert "error: the build was stopped (SIGTERM, e.g. ray job stop); nothing " \
+               "published" in logs, logs[-3000:]
+        assert pending_uploads(prefix, store.storage_options) == []
+        assert store.filesystem().find(bucket) == []
+    assert os.listdir(spill) == []

@@ -4,16 +4,20 @@ and a manifest that names the shards and the --data-path that trains on all of t
 from __future__ import annotations
 
 import json
+import logging
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from fixtures import alpaca_samples, write_jsonl
-from sftprep import report, trainer
+from sftprep import pipeline, report, trainer
 from sftprep.idxmap import IndexedReader, check_sft_layout
 from sftprep.shards import data_path_argument, shard_of_tasks, task_ranges, task_reach
 from sftprep.writer import FIGURES
+from test_jobs import ENV
 from test_pipeline import build, read
 
 SIZES = [9, 3, 14, 6, 11]  # lines per file: blocks and batches span files
@@ -96,6 +100,37 @@ def test_a_rebuild_with_fewer_shards_leaves_no_shard_of_the_old_one(ray_session,
     assert shards_on_disk() == set()
     assert whole["summary"]["documents"] == sum(SIZES)
     assert (tmp_path / "sh_text_document.bin").exists()
+
+
+def test_shards_no_manifest_names_are_an_incomplete_build_the_next_build_removes(
+        ray_session, qwen_dir, files, tmp_path, monkeypatch, caplog):
+    """The manifest is the commit point of a shard set: a build stopped after publishing its
+    shards and before its manifest leaves no output, as ``verify`` and the next build see."""
+    options = dict(packing__mode="none", run__workers=2, run__batch_size=16)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # the build stops between its shards and its manifest
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "write_manifest", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            build(files, qwen_dir, tmp_path / "sh", output__shards=3, **options)
+    assert sorted(p.name for p in tmp_path.glob("sh_*.idx")) == [
+        f"sh_{k}_text_document.idx" for k in range(3)]
+    for given in ("sh", "sh_1_text_document", "sh_0_text_document.bin"):
+        verify = subprocess.run([sys.executable, "-m", "sftprep", "verify", given],
+                                cwd=tmp_path, capture_output=True, text=True, env=ENV)
+        assert verify.returncode == 2 and len(verify.stderr.splitlines()) == 1, verify.stderr
+        assert verify.stderr.startswith(f"error: {given}: an incomplete build: sh_0_text_document"
+                                        ", sh_1_text_document, sh_2_text_document with no "
+                                        "manifest naming them"), verify.stderr
+    with caplog.at_level(logging.WARNING, logger="sftprep.pipeline"):
+        build(files, qwen_dir, tmp_path / "sh", output__shards=2, **options)  # no --overwrite
+    assert [r.getMessage() for r in caplog.records if "no manifest" in r.getMessage()] == [
+        "[sftprep] removed 3 shards that no manifest names (a build stopped before it "
+        "finished): " + ", ".join(str(tmp_path / f"sh_{k}_text_document") for k in range(3))]
+    assert sorted(p.name for p in tmp_path.glob("sh_*.idx")) == [
+        "sh_0_text_document.idx", "sh_1_text_document.idx"]
 
 
 def test_a_shard_starting_inside_a_split_file_names_true_lines(tmp_path):
