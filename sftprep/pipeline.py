@@ -607,6 +607,9 @@ def start_writers(config: BuildConfig, files: list[InputFile], plan: list[ReadRa
         for prefix, own in zip(prefixes, owns)]
 
 
+_task_span = ray.remote(num_cpus=0)(task_span)  # a block's read tasks, where it lives
+
+
 def feed(ds: ray.data.Dataset, writers: list, reach: list[tuple[int, int]],
          on_progress: Callable[[dict], None] | None, started: float, tasks: int = 0,
          uploads: list | None = None) -> None:
@@ -647,7 +650,7 @@ def feed(ds: ray.data.Dataset, writers: list, reach: list[tuple[int, int]],
             if len(writers) == 1:
                 send(block_ref, [0])
                 continue
-            spans.append((block_ref, task_span.remote(block_ref)))
+            spans.append((block_ref, _task_span.remote(block_ref)))
             while len(spans) > MAX_BLOCKS_IN_FLIGHT:
                 route(*spans.popleft())
     while spans:

@@ -26,7 +26,6 @@ import os
 from typing import Callable
 
 import pyarrow as pa
-import ray
 
 from sftprep import trainer
 from sftprep.sink import MultipartSink
@@ -68,9 +67,9 @@ def task_reach(task_files: list[int], ranges: list[tuple[int, int]]) -> list[tup
     return out
 
 
-@ray.remote(num_cpus=0)
 def task_span(block: pa.Table) -> tuple[int, int] | None:
-    """The first and last read task of a block's rows (None for an empty block)."""
+    """The first and last read task of a block's rows (None for an empty block); the pipeline
+    runs it as a zero-CPU task where the block lives."""
     if block.num_rows == 0:
         return None
     column = block[TASK_COLUMN]

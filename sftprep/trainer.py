@@ -140,6 +140,11 @@ def iterations(documents: int, epochs: int = EPOCHS,
             "GLOBAL_BATCH_SIZE": global_batch_size, "epochs": epochs, "documents": documents}
 
 
+# What Pai's run scripts add for MP_SFT_PACKING=true (docs/trainer.md's table says the same;
+# tests/test_trainer.py holds the two together).
+PACKED_FLAGS = ("--reset-position-ids", "--no-create-attention-mask-in-dataloader")
+
+
 def settings(t: dict, S: int, data_path: str, epochs: int = EPOCHS,
              global_batch_size: int = GLOBAL_BATCH_SIZE) -> dict:
     """The settings to train with: Pai's run script variables and the Megatron flags they set."""
@@ -156,7 +161,7 @@ def settings(t: dict, S: int, data_path: str, epochs: int = EPOCHS,
                 f"--lr-decay-iters {it['LR_DECAY_ITERS']}"]
     if packed:
         return {"safe": True, "MP_SFT_PACKING": "true", "BATCH_SIZE": 1, "CP": 1, **common,
-                "flags": ["--dataset MMAP", "--train-mode finetune", "--reset-position-ids",
+                "flags": ["--dataset MMAP", "--train-mode finetune", *PACKED_FLAGS,
                           "--micro-batch-size 1", f"--seq-length {S}", f"--data-path {data_path}",
                           *schedule]}
     return {"safe": True, "MP_SFT_PACKING": "false", **common,
