@@ -24,21 +24,14 @@ __version__ = "0.1.0"
 __all__ = ["build", "stats", "inspect", "verify", "Error", "Invalid", "BuildConfig",
            "BuildResult", "StatsResult", "Document"]
 
-_API = ("build", "inspect", "verify", "BuildResult", "StatsResult", "Document")
+_API = ("build", "stats", "inspect", "verify", "BuildResult", "StatsResult", "Document")
 
 
 def __getattr__(name: str):
-    """The API on first use, so ``import sftprep`` imports neither Ray nor transformers.
-    ``sftprep.stats`` is the module ``sftprep/stats.py``, which calling runs ``api.stats``."""
+    """The API on first use, so ``import sftprep`` imports neither Ray nor transformers."""
     if name in _API:
         from sftprep import api
         return getattr(api, name)
-    if name == "stats":
-        import importlib
-
-        from sftprep.quiet import imports
-        with imports():  # the module imports Ray
-            return importlib.import_module("sftprep.stats")
     if name == "BuildConfig":
         from sftprep.config import BuildConfig
         return BuildConfig

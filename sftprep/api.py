@@ -180,8 +180,8 @@ class StatsResult:
     ladder: Any = field(default=None)
 
     def __str__(self) -> str:
-        from sftprep import stats as stats_module
-        return stats_module.summary_text(self.stats)
+        from sftprep import lengths
+        return lengths.summary_text(self.stats)
 
     def __repr__(self) -> str:
         return (f"<StatsResult {self.stats['records']:,} records, "
@@ -197,14 +197,14 @@ def stats(config: str | Any = None, **options: Any) -> StatsResult:
     from sftprep.quiet import imports
 
     with imports():  # the module imports Ray
-        from sftprep import stats as stats_module
+        from sftprep import lengths
     with user_errors():
-        cfg = configure(stats_module.StatsConfig, config, options)
+        cfg = configure(lengths.StatsConfig, config, options)
         with naming("python", cfg), kept_process(cfg.run.verbose):
-            result, lengths = stats_module.measure(cfg)
-    figure = (stats_module.histogram_figure(lengths.tokens, result)
-              if "tokens" in result and stats_module._have_matplotlib() else None)
-    return StatsResult(result, figure, *stats_module.tables(result))
+            result, lengths = lengths.measure(cfg)
+    figure = (lengths.histogram_figure(lengths.tokens, result)
+              if "tokens" in result and lengths._have_matplotlib() else None)
+    return StatsResult(result, figure, *lengths.tables(result))
 
 
 # -- reading built files -------------------------------------------------------------------------

@@ -180,12 +180,12 @@ def build(argv: list[str], prog: str = "sftprep build") -> None:
 
 def stats(argv: list[str], prog: str = "sftprep stats") -> None:
     from sftprep import api
-    from sftprep import stats as stats_module
+    from sftprep import lengths
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    config = parse(stats_module.StatsConfig, STATS_DOC.split("\n")[0], argv, prog=prog)
+    config = parse(lengths.StatsConfig, STATS_DOC.split("\n")[0], argv, prog=prog)
     with naming("cli", config), api.kept_process(config.run.verbose):
-        print(stats_module.summary_text(stats_module.run(config)))
+        print(lengths.summary_text(lengths.run(config)))
 
 
 def inspect_or_verify(command: str, argv: list[str], prog: str) -> int:

@@ -48,7 +48,7 @@ def summary_text(manifest: dict) -> str:
         lines.append(f"advice              {s['pad_fraction']:.0%} of the file is padding: "
                      f"--packing bfd would write {_n(s['bfd_documents'])} documents instead "
                      f"of {_n(s['documents'])};\n                    train those with the "
-                     "packed settings (MP_SFT_PACKING=true, --reset-position-ids, "
+                     f"packed settings (MP_SFT_PACKING=true: {' '.join(trainer.PACKED_FLAGS)}, "
                      "micro-batch size 1)")
     if s.get("elapsed_seconds"):
         lines.append(f"time                {s['elapsed_seconds']:.1f}s, "

@@ -201,7 +201,7 @@ def line(t: dict, S: int, data_path: str) -> str:
     if not s["safe"]:
         return f"{multi}; NO trainer mode is safe: packed {v['packed']}; unpacked {v['unpacked']}"
     if s["MP_SFT_PACKING"] == "true":
-        how = ("train with MP_SFT_PACKING=true (--reset-position-ids), micro-batch size 1, "
+        how = (f"train with MP_SFT_PACKING=true ({' '.join(PACKED_FLAGS)}), micro-batch size 1, "
                f"--seq-length {S}, --data-path {data_path}")
         if not t["packed_documents"]:
             how += " (packing off fails: " + v["unpacked"] + ")"

@@ -303,13 +303,13 @@ def test_a_mixture_builds_exactly_the_selection(ray_session, qwen, qwen_dir, dat
 
 
 def test_stats_split_lengths_by_source(ray_session, data, tmp_path):
-    from sftprep import stats
-    config = load(stats.StatsConfig, None, {
+    from sftprep import lengths
+    config = load(lengths.StatsConfig, None, {
         "source.inputs": [data["a"] + "#10", {"path": data["b"], "repeat": 2}],
         "run.progress": False, "run.workers": 1})
-    out = stats.run(config)
+    out = lengths.run(config)
     a, b = out["sources"]
     assert (a["records_read"], a["records"], a["samples"]) == (23, 10, 10)
     assert (b["records_read"], b["records"], b["samples"]) == (14, 14, 14)
     assert out["samples"] == a["samples"] + b["samples"] == 24
-    assert "selected" in stats.summary_text(out)
+    assert "selected" in lengths.summary_text(out)

@@ -10,7 +10,7 @@ import pandas as pd
 
 from fixtures import (alpaca_samples, lines_with_groups, needs_shared, record_batch,
                       shared_file, write_jsonl)
-from sftprep import pipeline, stats
+from sftprep import lengths, pipeline
 from sftprep.config import BuildConfig, load
 from sftprep.encode import prepare
 from sftprep.template import load_tokenizer
@@ -29,7 +29,7 @@ def run_stats(inputs, tmp_path, **options):
     overrides = {"source.inputs": [str(p) for p in inputs], "output.dir": str(tmp_path / "stats"),
                  "run.progress": False, "run.workers": 2}
     overrides.update({k.replace("__", "."): v for k, v in options.items()})
-    return stats.run(load(stats.StatsConfig, None, overrides))
+    return lengths.run(load(lengths.StatsConfig, None, overrides))
 
 
 def alpaca_chars(sample: dict) -> int:
@@ -56,7 +56,7 @@ def write_mixed(tmp_path) -> tuple[str, list[int]]:
 def test_char_stage_counts_every_sample_and_rejects_bad_lines():
     raw = [json.dumps(CHAT).encode(), json.dumps([SHAREGPT, SHAREGPT]).encode(), b"42"]
     batch = record_batch(raw)
-    out = stats.char_lengths(batch).to_pylist()
+    out = lengths.char_lengths(batch).to_pylist()
     assert [(r["line"], r["sample"], r["status"], r["chars"]) for r in out] == [
         (1, 0, OK, 23), (2, 0, OK, 5), (2, 1, OK, 5), (3, -1, REJECTED, None)]
     assert out[3]["reason"] == "not a sample"
@@ -67,15 +67,15 @@ def test_describe_equals_pandas_and_bad_records_are_listed(ray_session, tmp_path
     result = run_stats([path], tmp_path, source__split_bytes=2000)  # lines true across tasks
     want = pd.Series(expected).describe()
     assert result["chars"] == {k: float(v) for k, v in want.items()}
-    assert stats.describe_text(result["chars"]) == str(want.astype("float64"))
+    assert lengths.describe_text(result["chars"]) == str(want.astype("float64"))
     bad = result["bad_records"]
     assert bad["count"] == 4 and bad["by_reason"] == {
         "empty group": 1, "missing field": 1, "not a sample": 1, "truncated JSON": 1}
     assert [(e["file"], e["line"], e["reason"]) for e in bad["examples"]][:2] == [
         (path, 9, "truncated JSON"), (path, 11, "missing field")]
-    with open(tmp_path / "stats" / stats.BAD_RECORDS, encoding="utf-8") as f:
+    with open(tmp_path / "stats" / lengths.BAD_RECORDS, encoding="utf-8") as f:
         assert len(f.readlines()) == 4
-    with open(tmp_path / "stats" / stats.STATS_JSON, encoding="utf-8") as f:
+    with open(tmp_path / "stats" / lengths.STATS_JSON, encoding="utf-8") as f:
         assert json.load(f)["chars"]["count"] == len(expected)
 
 
@@ -105,14 +105,14 @@ def test_projection_equals_what_the_build_reaches(ray_session, qwen_dir, tmp_pat
         assert (at["dropped"], at["truncated"]) == (built["dropped_samples"],
                                                     built["truncated_samples"])
     assert result["packing"] == result["ladder"][0]["packing"]
-    saved = json.loads((tmp_path / "stats" / stats.STATS_JSON).read_text(encoding="utf-8"))
+    saved = json.loads((tmp_path / "stats" / lengths.STATS_JSON).read_text(encoding="utf-8"))
     assert all(set(saved["packing"][m]) >= {"docs", "efficiency"} for m in ("none", "sequential",
                                                                           "bfd"))
     assert {"chars", "tokens", "ladder", "recommended_seq_length"} <= set(saved)
     assert saved["recommended_seq_length"] in (S, 512, None)
-    with open(tmp_path / "stats" / stats.HISTOGRAM, "rb") as f:
+    with open(tmp_path / "stats" / lengths.HISTOGRAM, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert "recommended S" in stats.summary_text(result)
+    assert "recommended S" in lengths.summary_text(result)
 
 
 def test_stage_lengths_and_the_drop_rule_at_other_lengths(qwen_dir):
@@ -127,9 +127,9 @@ def test_stage_lengths_and_the_drop_rule_at_other_lengths(qwen_dir):
     setup = prepare(load_tokenizer(qwen_dir))
     for S, overlong in itertools.product((64, 256, 512), ("truncate", "drop")):
         spec = TokenizeSpec(tokenizer=qwen_dir, seq_length=S, overlong=overlong)
-        table = stats.TokenLengths(spec, setup)(batch)
-        assert table.schema == stats.SCHEMA
-        collector = stats.Collector(["x.jsonl"], "skip", None)
+        table = lengths.TokenLengths(spec, setup)(batch)
+        assert table.schema == lengths.SCHEMA
+        collector = lengths.Collector(["x.jsonl"], "skip", None)
         collector.add(table)
         lengths[S, overlong] = collector.finish()
         assert collector.records == len(raw) and collector.bad_count == 1
@@ -151,11 +151,11 @@ def test_reference_numbers_on_the_shared_alpaca_demo(ray_session, tmp_path):
 
 def test_help_comes_from_the_config_metadata():
     from sftprep import cli
-    text = cli.parser_for(stats.StatsConfig, "stats").format_help()
+    text = cli.parser_for(lengths.StatsConfig, "stats").format_help()
     assert "--output-dir" in text and "only character lengths" in text
-    config = cli.parse(stats.StatsConfig, "stats", ["--input", "x.jsonl", "--seq-length", "4096"])
+    config = cli.parse(lengths.StatsConfig, "stats", ["--input", "x.jsonl", "--seq-length", "4096"])
     assert config.template.tokenizer is None and config.template.seq_length == 4096
-    assert config.source.on_error == "skip" and config.output.ladder == stats.LADDER
+    assert config.source.on_error == "skip" and config.output.ladder == lengths.LADDER
 
 
 def test_without_matplotlib_only_the_plot_is_skipped(ray_session, qwen_dir, tmp_path,
@@ -166,11 +166,11 @@ def test_without_matplotlib_only_the_plot_is_skipped(ray_session, qwen_dir, tmp_
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
     path = write_jsonl(tmp_path / "t.jsonl", alpaca_samples(8, seed=3))
     result = run_stats([path], tmp_path, template__tokenizer=qwen_dir, run__workers=1)
-    assert sorted(os.listdir(tmp_path / "stats")) == [stats.STATS_JSON]
-    saved = json.loads((tmp_path / "stats" / stats.STATS_JSON).read_text(encoding="utf-8"))
+    assert sorted(os.listdir(tmp_path / "stats")) == [lengths.STATS_JSON]
+    saved = json.loads((tmp_path / "stats" / lengths.STATS_JSON).read_text(encoding="utf-8"))
     assert saved["packing"]["bfd"]["docs"] >= 1 and saved["notes"] == result["notes"]
-    text = stats.summary_text(result)
+    text = lengths.summary_text(result)
     assert "bfd docs" in text
-    assert text.splitlines()[-1] == (f"note: {stats.HISTOGRAM} not drawn: the plot needs "
+    assert text.splitlines()[-1] == (f"note: {lengths.HISTOGRAM} not drawn: the plot needs "
                                      "matplotlib (pip install 'sftprep[stats]'); everything "
-                                     f"else is in {stats.STATS_JSON}")
+                                     f"else is in {lengths.STATS_JSON}")

@@ -23,8 +23,6 @@ import functools
 import io
 import json
 import os
-import sys
-import types
 from collections import Counter
 from dataclasses import dataclass, field, fields
 
@@ -603,16 +601,3 @@ def _short(text: str, width: int) -> str:
 
 def _reasons(by: dict) -> str:
     return (" (" + ", ".join(f"{k}: {v:,}" for k, v in by.items()) + ")") if by else ""
-
-
-class _Module(types.ModuleType):
-    """``sftprep.stats`` names this module (``from sftprep import stats`` in the package and
-    its tests) and is the API's ``sftprep.stats(...)`` too: calling the module runs
-    ``api.stats``."""
-
-    def __call__(self, config=None, **options):
-        from sftprep.api import stats as run_stats
-        return run_stats(config, **options)
-
-
-sys.modules[__name__].__class__ = _Module
