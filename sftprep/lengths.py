@@ -168,6 +168,10 @@ class SampleLengths:
     ok: np.ndarray       # bool, kept by the stage at the configured S (not dropped)
     written: np.ndarray  # int32, tokens the stage kept at the configured S
     source: np.ndarray   # int32, the source the sample's record came from
+    # The record's identity where its source has copies (-1 elsewhere): the read range it came
+    # from (``copy_range``) and its place there, the same for every copy (``writer``'s rule).
+    copy_range: np.ndarray  # int32
+    place: np.ndarray       # int64, line * 2**31 + element + 1
 
     def of_source(self, k: int) -> "SampleLengths":
         """The samples of source ``k``."""
@@ -206,6 +210,11 @@ class Collector:
         self.origins = Origins(files, [r.pass_key for r in plan])
         self.task_source = np.array([r.source for r in plan], dtype=np.int32)
         self.whole = np.array([r.select is None for r in plan])
+        copied = {r.source for r in plan if r.copy}
+        ranges = {key: k for k, key in enumerate(dict.fromkeys(
+            (files[r.file], r.start) for r in plan if r.source in copied))}
+        self.task_range = np.array([ranges[(files[r.file], r.start)] if r.source in copied
+                                    else -1 for r in plan], dtype=np.int32)
         self.reports = Reports(bad_path, on_error, "to count and list bad records")
         self.parts: dict[str, list[np.ndarray]] = {f.name: [] for f in fields(SampleLengths)}
         self.records = 0
@@ -248,6 +257,9 @@ class Collector:
             self.parts[name].append(values[sample])
         self.parts["group"].append(group[sample].astype(np.int32))
         self.parts["source"].append(self.task_source[key[0][sample]])
+        self.parts["copy_range"].append(self.task_range[key[0][sample]])
+        self.parts["place"].append(key[1][sample].astype(np.int64) * 2**31
+                                   + key[2][sample].astype(np.int64) + 1)
         self.parts["ok"].append(pc.equal(status, OK).to_numpy(zero_copy_only=False)[sample])
         dropped = t.filter(pc.equal(status, DROPPED))
         self.dropped_reasons.update(dropped["reason"].to_pylist())
@@ -271,8 +283,9 @@ class Collector:
     def finish(self) -> SampleLengths:
         self.origins.finish()
         self.reports.close()
+        empty = {"ok": bool, "place": np.int64}
         return SampleLengths(**{name: np.concatenate(p) if p else
-                                np.zeros(0, dtype=bool if name == "ok" else np.int32)
+                                np.zeros(0, dtype=empty.get(name, np.int32))
                                 for name, p in self.parts.items()})
 
     def source_counts(self, k: int) -> dict:
@@ -289,12 +302,15 @@ def project(lengths: SampleLengths, S: int, mode: str, window: int, seq_length: 
     kept = lengths.kept_at(S, seq_length, trainer_safe, overlong)
     pieces = lengths.written_at(S, seq_length, trainer_safe, overlong)
     groups = lengths.group[kept]
+    records = [None if r < 0 else (r, p) for r, p in zip(lengths.copy_range[kept].tolist(),
+                                                          lengths.place[kept].tolist())]
     bounds = np.concatenate([[0], np.flatnonzero(np.diff(groups)) + 1, [len(groups)]])
     packer = make_packer(mode, S, window)
     docs = 0
     for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
         if b > a:
-            docs += sum(1 for _ in packer.add([Piece(n) for n in pieces[a:b].tolist()]))
+            docs += sum(1 for _ in packer.add([Piece(n, record=r) for n, r in
+                                               zip(pieces[a:b].tolist(), records[a:b])]))
     docs += sum(1 for _ in packer.flush())
     tokens = int(pieces.sum(dtype=np.int64))
     return {"docs": docs, "tokens": tokens,
@@ -522,17 +538,22 @@ def describe_text(chars: dict) -> str:
 
 def summary_text(stats: dict) -> str:
     bad = stats["bad_records"]
-    lines = [describe_text(stats["chars"]), "",
+    lines = ["characters per sample (Alpaca: instruction + input + output; chats: every "
+             "message's content), as the reference's sample_stats.py prints them:",
+             describe_text(stats["chars"]), "",
              f"records {stats['records']:,}, samples {stats['samples']:,}, "
              f"bad records {bad['count']:,}" + _reasons(bad["by_reason"])]
     for e in bad["examples"][:10]:
         lines.append(f"  {describe_origin(e)}: {e['reason']}: {e['detail']}")
     if "tokens" in stats:
-        lines += ["", _token_table(stats["tokens"]), "", _ladder_table(stats)]
+        lines += ["", "tokens per sample under the chat template (prompt: the tokens before "
+                  "the first trained one; in a multi-turn chat, everything up to the first "
+                  "assistant reply; response: the rest, later turns included; before any cut):",
+                  _token_table(stats["tokens"]), "", _ladder_table(stats)]
         at = stats["at_seq_length"]
         lines += ["", f"at S = {stats['seq_length']:,}: {at['dropped']:,} dropped"
                   + _reasons(at.get("dropped_by_reason", {}))
-                  + f", {at['truncated']:,} truncated ({at['tokens_cut']:,} tokens cut), "
+                  + f", {at['truncated']:,} truncated ({at['tokens_cut']:,} tokens lost), "
                   f"{at['whole_fraction']:.2%} whole"]
         best = stats["recommended_seq_length"]
         lines.append(f"recommended S: {best:,}" if best else

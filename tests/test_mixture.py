@@ -300,6 +300,12 @@ def test_a_mixture_builds_exactly_the_selection(ray_session, qwen, qwen_dir, dat
         assert a.read() == b.read()
     assert [x["passes"] for x in manifests["one"]["sources"]] == [[None, 17], [None] * 3, [15]]
     assert manifests["one"]["seed"] == 42  # another seed: test_the_choice_depends_on_...
+    # the statistics job projects what the build made, copies held apart as the build does
+    from sftprep import lengths
+    projected = lengths.run(load(lengths.StatsConfig, None, {
+        "source.inputs": inputs, "template.tokenizer": qwen_dir, "template.seq_length": 96,
+        "packing.mode": "bfd", "packing.window": 500, "run.progress": False}))["packing"]
+    assert projected["bfd"]["docs"] == manifests["one"]["summary"]["documents"]
 
 
 def test_stats_split_lengths_by_source(ray_session, data, tmp_path):
