@@ -123,7 +123,7 @@ def test_stage_lengths_and_the_drop_rule_at_other_lengths(qwen_dir):
     raw = [json.dumps(x, ensure_ascii=False).encode() for x in (samples[:6], *samples[6:])]
     raw.append(b"[]")
     batch = record_batch(raw, end=True)
-    lengths = {}
+    measured = {}
     setup = prepare(load_tokenizer(qwen_dir))
     for S, overlong in itertools.product((64, 256, 512), ("truncate", "drop")):
         spec = TokenizeSpec(tokenizer=qwen_dir, seq_length=S, overlong=overlong)
@@ -131,14 +131,14 @@ def test_stage_lengths_and_the_drop_rule_at_other_lengths(qwen_dir):
         assert table.schema == lengths.SCHEMA
         collector = lengths.Collector(["x.jsonl"], "skip", None)
         collector.add(table)
-        lengths[S, overlong] = collector.finish()
+        measured[S, overlong] = collector.finish()
         assert collector.records == len(raw) and collector.bad_count == 1
-    assert list(lengths[256, "truncate"].chars) == [alpaca_chars(x) for x in samples]
+    assert list(measured[256, "truncate"].chars) == [alpaca_chars(x) for x in samples]
     for other, overlong in itertools.product((64, 512), ("truncate", "drop")):
-        assert list(lengths[256, overlong].kept_at(other, 256, True, overlong)) == list(
-            lengths[other, overlong].ok), (other, overlong)
-    assert not lengths[256, "truncate"].ok[3] and lengths[512, "truncate"].ok[3]
-    assert lengths[64, "drop"].ok.sum() < lengths[64, "truncate"].ok.sum()
+        assert list(measured[256, overlong].kept_at(other, 256, True, overlong)) == list(
+            measured[other, overlong].ok), (other, overlong)
+    assert not measured[256, "truncate"].ok[3] and measured[512, "truncate"].ok[3]
+    assert measured[64, "drop"].ok.sum() < measured[64, "truncate"].ok.sum()
 
 
 @needs_shared("alpaca_en_demo.json", "alpaca_zh_demo.json")
