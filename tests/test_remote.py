@@ -7,7 +7,6 @@ environment, so, as on a cluster, they see only what the driver hands them.
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import os
 import uuid
@@ -20,6 +19,7 @@ import yaml
 
 from fixtures import alpaca_samples
 from object_store import oss_server, s3_server
+from sftprep import cli
 from sftprep.storage import redact, resolve_options
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,17 +37,6 @@ CREDENTIAL_ENV = ("OSS_ACCESS_KEY_ID", "OSS_ACCESS_KEY_SECRET", "OSS_SESSION_TOK
 S = 4096  # packing none: one 2*S int32 document (32 KiB) a line
 LINES = 336  # 10.5 MiB of .bin: over two 5 MiB parts, so the upload is multipart
 SPLIT = 8_000  # bytes per read task: the .jsonl files (~40 KB) in ranges, the Parquet in 2
-
-
-def _load_build_job():
-    path = os.path.join(ROOT, "jobs", "build.py")
-    spec = importlib.util.spec_from_file_location("build_job", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-build_job = _load_build_job()
 
 
 @pytest.fixture(scope="module", params=sorted(SERVERS))
@@ -92,7 +81,7 @@ def local_build(ray_session, qwen_dir, dataset, tmp_path_factory) -> dict[str, b
         (root / "data" / name).parent.mkdir(parents=True, exist_ok=True)
         (root / "data" / name).write_bytes(data)
     prefix = root / "out" / "sft"
-    build_job.main(_argv(str(root / "data"), str(prefix), qwen_dir, "--split-bytes", "0"))
+    cli.build(_argv(str(root / "data"), str(prefix), qwen_dir, "--split-bytes", "0"))
     return {s: (root / "out" / f"sft_text_document{s}").read_bytes() for s in (".bin", ".idx")}
 
 
@@ -150,7 +139,7 @@ def test_build_on_the_store_gives_the_local_bytes_and_shows_no_secret(
                  *_credentials(store, credentials, clean_env, tmp_path))
     store.request_log.clear()
 
-    build_job.main(argv)
+    cli.build(argv)
 
     assert fs.cat(out + ".bin") == local_build[".bin"]
     assert fs.cat(out + ".idx") == local_build[".idx"]
@@ -189,7 +178,7 @@ def test_a_missing_output_bucket_fails_without_showing_the_secret(store, ray_ses
                  f"{store.protocol}://no-such-bucket-{uuid.uuid4().hex[:8]}/out/sft", qwen_dir,
                  *_credentials(store, CREDENTIALS[store.protocol], clean_env, tmp_path))
     with pytest.raises(FileNotFoundError, match="bucket does not exist") as failure:
-        build_job.main(argv)
+        cli.build(argv)
     captured = capfd.readouterr()
     for text in (str(failure.value), repr(failure.value), captured.out, captured.err):
         assert SECRET not in text
@@ -224,7 +213,7 @@ def test_shards_on_the_store_concatenate_to_the_local_bytes(dataset, local_build
         bucket, fs = _bucket_with_data(store, dataset)
         argv = _argv(f"s3://{bucket}/data/", f"s3://{bucket}/out/sft", qwen_dir, "--shards",
                      "2", *_credentials(store, "options", clean_env, tmp_path))
-        build_job.main(argv)
+        cli.build(argv)
         manifest = json.loads(fs.cat(f"{bucket}/out/sft_text_document.manifest.json"))
         prefixes = [f"s3://{bucket}/out/sft_{k}_text_document" for k in range(2)]
         assert [s["prefix"] for s in manifest["shards"]] == prefixes
