@@ -36,20 +36,14 @@ import pyarrow.compute as pc
 
 from sftprep import idxmap, trainer
 from sftprep.errors import Error
+from sftprep.idxmap import MANIFEST
+from sftprep.outputs import REJECTS, SUFFIXES, remove_stale, remove_temporary
 from sftprep.packing import BestFitPacker, Document, Piece, make_packer
 from sftprep.shards import TASK_COLUMN, assemble_manifest, derive_figures, merge_figures, task_reach
 from sftprep.sink import MultipartSink, upload_file
 from sftprep.sources import Origins, ReadRange, describe
 from sftprep.storage import filesystem, is_remote
 from sftprep.tokenize import CUT_KEYS, CUTS, DROPPED, END, OK, OVERLONG, REASONING, REJECTED
-
-SUFFIXES = (".bin", ".idx")
-MANIFEST = idxmap.MANIFEST
-REJECTS = ".rejects.jsonl"
-# An old output is removed in this order before the new one lands: its index first, so no .idx
-# ever describes a .bin it was not written with.
-STALE_ORDER = (".idx", MANIFEST, ".bin", REJECTS)
-
 
 # Counters the summary gives as they are (docs/trainer.md): samples written shorter and the
 # tokens they lost, in all and per cut; samples ``--overlong drop`` dropped and their tokens;
@@ -451,24 +445,3 @@ class SFTWriter:
 
 def _count(documents) -> int:
     return sum(1 for _ in documents)
-
-
-def remove_temporary(paths: list[str]) -> None:
-    for path in paths:
-        if os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
-        elif os.path.exists(path):
-            os.remove(path)
-
-
-def remove_stale(prefix: str, storage_options: dict | None = None) -> None:
-    """Remove an old output at ``prefix`` in ``STALE_ORDER`` (its index first)."""
-    if not is_remote(prefix):
-        for stale in STALE_ORDER:
-            if os.path.exists(prefix + stale):
-                os.remove(prefix + stale)
-        return
-    fs, path = filesystem(prefix, storage_options)
-    for stale in STALE_ORDER:
-        if fs.exists(path + stale):
-            fs.rm_file(path + stale)
