@@ -19,12 +19,14 @@ import logging
 import os
 import re
 import shutil
+import tempfile
+import uuid
 from dataclasses import asdict
 
 from sftprep.config import BuildConfig, ConfigError
 from sftprep.idxmap import MANIFEST
 from sftprep.shards import assemble_manifest, shard_prefix, unnamed_shards, write_manifest
-from sftprep.sink import abort_upload, pending_uploads
+from sftprep.sink import MultipartSink, abort_upload, pending_uploads, upload_file
 from sftprep.storage import filesystem, is_remote
 
 SUFFIXES = (".bin", ".idx")
@@ -190,3 +192,96 @@ def remove_stale(prefix: str, storage_options: dict | None = None) -> None:
     for stale in STALE_ORDER:
         if fs.exists(path + stale):
             fs.rm_file(path + stale)
+
+
+class OutputFiles:
+    """The files one writer owns at its document prefix, from their temporary names to their
+    final ones. A local output goes to ``<prefix>.tmp-<run>.bin/.idx`` beside it. A remote
+    ``.bin`` streams to the store as a multipart upload while documents arrive
+    (``sink.MultipartSink``: local disk holds a few parts, never the file); the ``.idx``, rejects
+    and manifest wait in a local spill directory. ``publish`` removes the old output (its
+    ``.idx`` first), then gives the ``.bin`` its name (or completes its upload, which is when the
+    object appears), then the ``.idx``, the manifest last, so at no moment does a ``.idx`` sit
+    beside a ``.bin`` it does not describe. ``abort`` deletes the temporary files and aborts the
+    upload."""
+
+    def __init__(self, prefix: str, storage_options: dict | None = None,
+                 spill_dir: str | None = None):
+        self.prefix, self.storage_options = prefix, storage_options
+        self.remote = is_remote(prefix)
+        run = uuid.uuid4().hex[:8]
+        if self.remote:
+            self._spill = tempfile.mkdtemp(prefix="sftprep-", dir=spill_dir)
+            local = os.path.join(self._spill, os.path.basename(prefix))
+        else:
+            self._spill = None
+            local = prefix
+            os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+        self.tmp = f"{local}.tmp-{run}"  # + a suffix: a file's temporary name
+        self.bin = (MultipartSink(prefix + ".bin", storage_options, self._spill)
+                    if self.remote else open(self.tmp + ".bin", "wb"))
+
+    def upload(self) -> tuple[str, str] | None:
+        """The ``.bin``'s multipart upload (url, upload id), once started."""
+        if self.remote and self.bin.upload_id:
+            return self.bin.url, self.bin.upload_id
+        return None
+
+    def seal_bin(self) -> int:
+        """The ``.bin``'s size, the file closed (a remote one's upload completes in
+        ``publish``)."""
+        size = self.bin.tell()
+        if not self.remote:
+            self.bin.close()
+        return size
+
+    def outputs(self, rejects: bool) -> dict[str, str]:
+        """The files this writer publishes (``rejects``: whether a rejects file was written)."""
+        files = {s.lstrip("."): self.prefix + s for s in SUFFIXES}
+        if rejects:
+            files["rejects"] = self.prefix + REJECTS
+        return files
+
+    def publish(self, rejects: bool) -> None:
+        """Give the sealed files their final names: .bin, .idx, rejects, the manifest (if
+        written) last, after removing the old output's files in ``STALE_ORDER``."""
+        names = list(SUFFIXES) + ([REJECTS] if rejects else [])
+        names += [MANIFEST] if os.path.exists(self.tmp + MANIFEST) else []
+        remove_stale(self.prefix, self.storage_options)
+        if not self.remote:
+            for s in names:
+                os.replace(self.tmp + s, self.prefix + s)
+            return
+        fs, path = filesystem(self.prefix, self.storage_options)
+        uploaded: list[str] = []
+        try:
+            self.bin.close()  # completes the multipart upload: the .bin appears now
+            uploaded.append(".bin")
+            fs.invalidate_cache()
+            if fs.size(path + ".bin") != self.bin.size:
+                raise OSError(f"upload of {self.prefix}.bin is incomplete: "
+                              f"{fs.size(path + '.bin')} of {self.bin.size} bytes arrived")
+            for s in names[1:]:  # .idx, rejects, the manifest last
+                upload_file(self.tmp + s, self.prefix + s, self.storage_options, self._spill)
+                uploaded.append(s)
+        except BaseException:
+            self.bin.abort()
+            for s in reversed(uploaded):  # leave no .idx or .bin of a half-published output
+                with contextlib.suppress(Exception):
+                    fs.rm_file(path + s)
+            raise
+        shutil.rmtree(self._spill, ignore_errors=True)
+
+    def abort(self) -> None:
+        """Delete every temporary file and abort the .bin's multipart upload."""
+        if self.remote:
+            self.bin.abort()
+        if not self.bin.closed:
+            self.bin.close()
+        remove_temporary(self.temporary_paths())
+
+    def temporary_paths(self) -> list[str]:
+        """Every path this run may leave behind until it publishes (files, then the spill
+        directory)."""
+        return [self.tmp + s for s in list(SUFFIXES) + [REJECTS, MANIFEST]] + (
+            [self._spill] if self._spill else [])
