@@ -72,7 +72,7 @@ def kept_process(verbose: bool = False):
         import ray
         import ray.data
 
-        from sftprep.pipeline import RuntimeLost
+        from sftprep.runtime import RuntimeLost
 
         started = not ray.is_initialized()
         lost = False

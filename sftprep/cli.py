@@ -140,11 +140,11 @@ def run(main) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     except Exception as e:  # unwrap errors raised inside Ray tasks and actors
         cause = user_error(e)
-        pipeline = sys.modules.get("sftprep.pipeline")  # only a build imports it (and Ray)
-        if pipeline and isinstance(cause, pipeline.RuntimeLost):
+        runtime = sys.modules.get("sftprep.runtime")  # only a job imports it (and Ray)
+        if runtime and isinstance(cause, runtime.RuntimeLost):
             print(f"error: {cause}", file=sys.stderr)  # Ray's exit handlers would wait on the
             sys.stderr.flush()                         # dead runtime: skip them
-            pipeline.abandon_local_runtime()
+            runtime.abandon_local_runtime()
             os._exit(1)
         if isinstance(cause, (Invalid, Failed)):
             print(f"{'invalid' if isinstance(cause, Invalid) else 'error'}: {cause}",

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from sftprep import pipeline
+from sftprep import pipeline, runtime
 from sftprep.config import (ConfigError, PackingConfig, RunConfig, SourceConfig, TemplateConfig,
                             TOKENIZER_HELP, given, opt, validate)
 from sftprep.packing import MODES, Piece, make_packer
@@ -400,8 +400,8 @@ def run(config: StatsConfig) -> dict:
 
 def measure(config: StatsConfig) -> tuple[dict, SampleLengths]:
     """``run``'s statistics, and the per-sample lengths they come from (for a plot). A lost
-    local Ray runtime ends it with ``pipeline.RuntimeLost`` (one line), as a build."""
-    with pipeline.watched_runtime():
+    local Ray runtime ends it with ``runtime.RuntimeLost`` (one line), as a build."""
+    with runtime.watched_runtime():
         return _measure(config)
 
 
@@ -414,7 +414,7 @@ def _measure(config: StatsConfig) -> tuple[dict, SampleLengths]:
         for name in (STATS_JSON, HISTOGRAM, BAD_RECORDS):
             if os.path.exists(os.path.join(out_dir, name)):
                 os.remove(os.path.join(out_dir, name))
-    pipeline.ensure_ray(config.run.verbose)
+    runtime.ensure_ray(config.run.verbose)
     plan = pipeline.read_plan(config, files)
     sources = pipeline.source_list(config)
     collector = Collector([f.url for f in files], config.source.on_error,

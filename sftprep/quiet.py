@@ -6,7 +6,7 @@ packages: ['ipywidgets']"); Ray's native core, whose log lines ("[2026-01-01 12:
 123] core_worker.cc:..") go to fd 2 as well as to the session's python-core-driver log (dropped by
 ``stderr_filter``, a process that also says the one line for a lost runtime); and
 tqdm's warning without ipywidgets. Everything changed here is restored on the way out, so a
-long-lived process keeps its own settings. The workers' output: ``pipeline.ensure_ray``.
+long-lived process keeps its own settings. The workers' output: ``runtime.ensure_ray``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ LOGGERS = ("ray", "ray.data", "transformers")
 @contextlib.contextmanager
 def quiet(verbose: bool = False):
     """Quiet inside (nothing changes when ``verbose``); Ray's and transformers' loggers keep
-    what they had on the way out either way (a job sets them: ``pipeline.ensure_ray``)."""
+    what they had on the way out either way (a job sets them: ``runtime.ensure_ray``)."""
     with contextlib.nullcontext() if verbose else imports():
         import ray  # noqa: F401  (its loggers exist from here: saved below, as found)
         import ray.data  # noqa: F401
@@ -43,7 +43,7 @@ def quiet(verbose: bool = False):
             stack.enter_context(warnings.catch_warnings())
             warnings.filterwarnings("ignore", message="IProgress not found")
             from sftprep import stderr_filter
-            from sftprep.pipeline import LOST_RUNTIME, RuntimeLost
+            from sftprep.runtime import LOST_RUNTIME, RuntimeLost
 
             f = stderr_filter.start("error: " + LOST_RUNTIME)
             # After a lost runtime Ray's threads log on until the process ends: keep filtering

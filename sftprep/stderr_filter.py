@@ -3,7 +3,7 @@
 Why a process and not a thread of the job: when the local Ray runtime dies, Ray's core ends
 the job's process with ``_exit(1)`` the moment any of its threads touches the dead raylet's
 object store ("The connection to the plasma store is failed. Terminate the process."), often
-before the job's own watcher (``pipeline.LocalRuntimeWatch``) has noticed. That native line is
+before the job's own watcher (``runtime.LocalRuntimeWatch``) has noticed. That native line is
 one of those dropped here, and a filter thread dies with the process: exit 1, nothing on
 stderr. The filter process survives it, and keeps an eye on the job's local runtime (the
 ``gcs_server`` and ``raylet`` children of the job): when the job's stderr closes without the

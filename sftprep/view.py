@@ -12,7 +12,7 @@ import numpy as np
 from sftprep import idxmap, trainer
 from sftprep.idxmap import MANIFEST
 from sftprep.shards import unnamed_shards
-from sftprep.writer import STALE_ORDER
+from sftprep.outputs import STALE_ORDER
 
 TRAINED = ("\x1b[32m", "\x1b[0m")  # green on a terminal
 TRAINED_PLAIN = ("⟦", "⟧")

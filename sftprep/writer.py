@@ -1,7 +1,7 @@
 """The ordered stage: samples in input order → packed documents → ``.bin/.idx``, atomically.
 
-``SFTWriter`` is a plain class (unit-tested without Ray); the pipeline runs exactly one of it as
-a Ray actor and feeds it the tokenizer stage's blocks in input order. It checks that order
+``SFTWriter`` is a plain class (unit-tested without Ray); the pipeline runs one of it per shard
+as a Ray actor and feeds it the tokenizer stage's blocks in input order. It checks that order
 (and, through ``sources.Origins``, that every read task arrived whole, which also gives each
 record its true line), rebuilds each record's group, packs, checks every document against the
 contract (``idxmap.check_rows``) just before writing it, reports every record it does not
@@ -9,24 +9,16 @@ write, and at the end checks the index and the file sizes before the files get t
 names. Checking the documents in memory, not by reading the ``.bin`` back, keeps the check off
 the end of the run.
 
-Atomicity: a local output goes to ``<prefix>.tmp-<run>.bin/.idx`` beside it. A remote ``.bin``
-streams to the store as a multipart upload while documents arrive (``sink.MultipartSink``: local
-disk holds a few parts, never the file); the ``.idx``, rejects and manifest wait in a local spill
-directory. On success the old ``.idx`` is removed first, then the ``.bin`` is renamed (or its
-upload completed, which is when the object appears), then the ``.idx``, the manifest last, so at
-no moment does a ``.idx`` sit beside a ``.bin`` it does not describe. On failure the temporary
-files are deleted and the multipart upload is aborted.
+Atomicity: the files themselves (temporary names, the streamed ``.bin``, the publish order,
+abort) are ``outputs.OutputFiles``; the writer decides what goes in them and when they are
+sealed, published or aborted.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 import time
-import uuid
 from collections import Counter
 from typing import Any
 
@@ -36,20 +28,12 @@ import pyarrow.compute as pc
 
 from sftprep import idxmap, trainer
 from sftprep.errors import Error
+from sftprep.idxmap import MANIFEST
+from sftprep.outputs import REJECTS, OutputFiles
 from sftprep.packing import BestFitPacker, Document, Piece, make_packer
 from sftprep.shards import TASK_COLUMN, assemble_manifest, derive_figures, merge_figures, task_reach
-from sftprep.sink import MultipartSink, upload_file
 from sftprep.sources import Origins, ReadRange, describe
-from sftprep.storage import filesystem, is_remote
 from sftprep.tokenize import CUT_KEYS, CUTS, DROPPED, END, OK, OVERLONG, REASONING, REJECTED
-
-SUFFIXES = (".bin", ".idx")
-MANIFEST = idxmap.MANIFEST
-REJECTS = ".rejects.jsonl"
-# An old output is removed in this order before the new one lands: its index first, so no .idx
-# ever describes a .bin it was not written with.
-STALE_ORDER = (".idx", MANIFEST, ".bin", REJECTS)
-
 
 # Counters the summary gives as they are (docs/trainer.md): samples written shorter and the
 # tokens they lost, in all and per cut; samples ``--overlong drop`` dropped and their tokens;
@@ -126,7 +110,6 @@ class SFTWriter:
         ``owns``: the first and last read task of this shard's rows (``shards``; None: all);
         the end rows of its first file's earlier tasks are kept too (true line numbers).
         ``sources``: how each source is named in the summary."""
-        self.prefix = document_prefix
         plan = plan or [ReadRange(i, url) for i, url in enumerate(files)]
         task_files = [r.pass_key for r in plan]
         self.owns = owns
@@ -147,29 +130,17 @@ class SFTWriter:
         self.trainer_safe = trainer_safe
         self.trainer = trainer.figures()  # what each trainer mode would meet, per document
         self.on_error = on_error
-        self.storage_options = storage_options
         self.packer = make_packer(packing, seq_length, pack_window)
         # Without packing, what bfd would have made of the same samples, on their lengths alone
         # (memory: one window of lengths): the summary's advice when most slots are padding.
         self._bfd = BestFitPacker(seq_length, pack_window) if packing == "none" else None
         self.bfd_documents = 0
         self.written_tokens = 0
-        self.remote = is_remote(document_prefix)
-        run = uuid.uuid4().hex[:8]
-        if self.remote:
-            self._spill = tempfile.mkdtemp(prefix="sftprep-", dir=spill_dir)
-            self.local = os.path.join(self._spill, os.path.basename(document_prefix))
-        else:
-            self._spill = None
-            self.local = document_prefix
-            os.makedirs(os.path.dirname(os.path.abspath(document_prefix)), exist_ok=True)
-        self.tmp = f"{self.local}.tmp-{run}"
-        self._bin = (MultipartSink(document_prefix + ".bin", storage_options, self._spill)
-                     if self.remote else open(self.tmp + ".bin", "wb"))
-        self._rejects = Reports(self.tmp + REJECTS, on_error,
+        self.files = OutputFiles(document_prefix, storage_options, spill_dir)
+        self._rejects = Reports(self.files.tmp + REJECTS, on_error,
                                 f"to write the good records and list the bad ones in "
                                 f"{os.path.basename(document_prefix)}{REJECTS}")
-        self.index = idxmap.IndexedWriter(self._bin)
+        self.index = idxmap.IndexedWriter(self.files.bin)
         self._last_key = (-1, -1, -1, -1)
         self._group_key: tuple[int, int, int] | None = None
         self._group: list[Piece] = []
@@ -243,8 +214,9 @@ class SFTWriter:
         self._write_pending()
         self.write_seconds += time.perf_counter() - t0
         reply = self.progress()
-        if self.remote and self._bin.upload_id:  # the driver aborts it if this writer is lost
-            reply["upload"] = (self._bin.url, self._bin.upload_id)
+        upload = self.files.upload()
+        if upload:  # the driver aborts it if this writer is lost
+            reply["upload"] = upload
         return reply
 
     def _problem(self, status: str, row: dict) -> None:
@@ -334,9 +306,10 @@ class SFTWriter:
         pipeline's own, ``shards.assemble_manifest``, for a writer used alone). ``train``:
         ``trainer.section``'s epochs and global batch size."""
         summary = self.seal(manifest_extra.get("elapsed_seconds"))
-        manifest = assemble_manifest(manifest_extra, [summary], [self.trainer], [self.prefix],
-                                     [self.outputs()], self.S, self.prefix, train)
-        with open(self.tmp + MANIFEST, "w", encoding="utf-8") as f:
+        prefix = self.files.prefix
+        manifest = assemble_manifest(manifest_extra, [summary], [self.trainer], [prefix],
+                                     [self.outputs()], self.S, prefix, train)
+        with open(self.files.tmp + MANIFEST, "w", encoding="utf-8") as f:
             json.dump(manifest, f, indent=2, ensure_ascii=False)
         self.publish()
         return manifest
@@ -351,16 +324,14 @@ class SFTWriter:
         if self._bfd is not None:
             self.bfd_documents += _count(self._bfd.flush())
         self._write_pending()
-        bin_bytes = self._bin.tell()
-        if not self.remote:  # a remote .bin's upload completes in publish()
-            self._bin.close()
-        with open(self.tmp + ".idx", "wb") as f:
+        bin_bytes = self.files.seal_bin()
+        with open(self.files.tmp + ".idx", "wb") as f:
             self.index.write_index(f)
         self._rejects.close()
         for source, count in self.partial_reads:  # the records a selection passed over
             self.counts[source]["records_read"] += count
         self.write_seconds += time.perf_counter() - t0
-        idxmap.check_index(idxmap.read_index(self.tmp + ".idx"), bin_bytes, self.S)
+        idxmap.check_index(idxmap.read_index(self.files.tmp + ".idx"), bin_bytes, self.S)
         summary = self.summary()
         if elapsed:
             summary["elapsed_seconds"] = elapsed
@@ -376,10 +347,7 @@ class SFTWriter:
         return self.trainer
 
     def outputs(self) -> dict[str, str]:
-        files = {s.lstrip("."): self.prefix + s for s in SUFFIXES}
-        if self._rejects.written:
-            files["rejects"] = self.prefix + REJECTS
-        return files
+        return self.files.outputs(self._rejects.written)
 
     def summary(self) -> dict:
         """The counted figures in total and per source (``sources``), the documents' figures,
@@ -397,78 +365,21 @@ class SFTWriter:
         })
 
     def publish(self) -> None:
-        """Give the sealed files their final names: .bin, .idx, rejects, the manifest (if
-        written) last, after removing the old output's files in ``STALE_ORDER``."""
-        names = list(SUFFIXES) + ([REJECTS] if self._rejects.written else [])
-        names += [MANIFEST] if os.path.exists(self.tmp + MANIFEST) else []
-        remove_stale(self.prefix, self.storage_options)
-        if not self.remote:
-            for s in names:
-                os.replace(self.tmp + s, self.prefix + s)
-            return
-        fs, path = filesystem(self.prefix, self.storage_options)
-        uploaded: list[str] = []
-        try:
-            self._bin.close()  # completes the multipart upload: the .bin appears now
-            uploaded.append(".bin")
-            fs.invalidate_cache()
-            if fs.size(path + ".bin") != self._bin.size:
-                raise OSError(f"upload of {self.prefix}.bin is incomplete: "
-                              f"{fs.size(path + '.bin')} of {self._bin.size} bytes arrived")
-            for s in names[1:]:  # .idx, rejects, the manifest last
-                upload_file(self.tmp + s, self.prefix + s, self.storage_options, self._spill)
-                uploaded.append(s)
-        except BaseException:
-            self._bin.abort()
-            for s in reversed(uploaded):  # leave no .idx or .bin of a half-published output
-                with contextlib.suppress(Exception):
-                    fs.rm_file(path + s)
-            raise
-        shutil.rmtree(self._spill, ignore_errors=True)
+        """Give the sealed files their final names (``outputs.OutputFiles.publish``)."""
+        self.files.publish(self._rejects.written)
 
     def abort(self) -> None:
         """Delete every temporary file and abort the .bin's multipart upload; a failed run
         leaves nothing that looks like output."""
-        if self.remote:
-            self._bin.abort()
-        if not self._bin.closed:
-            self._bin.close()
         self._rejects.close()
-        remove_temporary(self.temporary_paths())
+        self.files.abort()
 
     def leftovers(self) -> tuple[int, list[str]]:
-        """This writer's process id and ``temporary_paths``: the writer runs on the driver's
-        node, so when the local runtime is lost under both, the driver stops it and deletes
-        them itself."""
-        return os.getpid(), self.temporary_paths()
-
-    def temporary_paths(self) -> list[str]:
-        """Every path this run may leave behind until it publishes (files, then the spill
-        directory)."""
-        return [self.tmp + s for s in list(SUFFIXES) + [REJECTS, MANIFEST]] + (
-            [self._spill] if self._spill else [])
+        """This writer's process id and its files' ``temporary_paths``: the writer runs on the
+        driver's node, so when the local runtime is lost under both, the driver stops it and
+        deletes them itself."""
+        return os.getpid(), self.files.temporary_paths()
 
 
 def _count(documents) -> int:
     return sum(1 for _ in documents)
-
-
-def remove_temporary(paths: list[str]) -> None:
-    for path in paths:
-        if os.path.isdir(path):
-            shutil.rmtree(path, ignore_errors=True)
-        elif os.path.exists(path):
-            os.remove(path)
-
-
-def remove_stale(prefix: str, storage_options: dict | None = None) -> None:
-    """Remove an old output at ``prefix`` in ``STALE_ORDER`` (its index first)."""
-    if not is_remote(prefix):
-        for stale in STALE_ORDER:
-            if os.path.exists(prefix + stale):
-                os.remove(prefix + stale)
-        return
-    fs, path = filesystem(prefix, storage_options)
-    for stale in STALE_ORDER:
-        if fs.exists(path + stale):
-            fs.rm_file(path + stale)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fixtures import alpaca_samples, write_jsonl
-from sftprep import pipeline, report, trainer
+from sftprep import outputs, report, trainer
 from sftprep.idxmap import IndexedReader, check_sft_layout
 from sftprep.shards import data_path_argument, shard_of_tasks, task_ranges, task_reach
 from sftprep.writer import FIGURES
@@ -112,7 +112,7 @@ def test_shards_no_manifest_names_are_an_incomplete_build_the_next_build_removes
         raise KeyboardInterrupt  # the build stops between its shards and its manifest
 
     with monkeypatch.context() as m:
-        m.setattr(pipeline, "write_manifest", stopped)
+        m.setattr(outputs, "write_manifest", stopped)
         with pytest.raises(KeyboardInterrupt):
             build(files, qwen_dir, tmp_path / "sh", output__shards=3, **options)
     assert sorted(p.name for p in tmp_path.glob("sh_*.idx")) == [
@@ -124,7 +124,7 @@ def test_shards_no_manifest_names_are_an_incomplete_build_the_next_build_removes
         assert verify.stderr.startswith(f"error: {given}: an incomplete build: sh_0_text_document"
                                         ", sh_1_text_document, sh_2_text_document with no "
                                         "manifest naming them"), verify.stderr
-    with caplog.at_level(logging.WARNING, logger="sftprep.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="sftprep.outputs"):
         build(files, qwen_dir, tmp_path / "sh", output__shards=2, **options)  # no --overwrite
     assert [r.getMessage() for r in caplog.records if "no manifest" in r.getMessage()] == [
         "[sftprep] removed 3 shards that no manifest names (a build stopped before it "

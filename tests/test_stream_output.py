@@ -114,7 +114,7 @@ def test_a_200mb_remote_output_streams_through_a_few_parts(store, blocks, local_
     size = len(local_bytes[".bin"])
     assert size > 200e6
     few_parts = (MAX_PENDING + 1) * FIRST_PART
-    assert w._bin.peak_spill <= few_parts
+    assert w.files.bin.peak_spill <= few_parts
     assert watch.peak <= few_parts + len(local_bytes[".idx"]), (watch.peak, few_parts)
     assert os.listdir(spill) == []
     fs = store.filesystem()
@@ -135,7 +135,7 @@ def test_an_aborted_run_leaves_no_object_and_no_pending_upload(store, blocks, tm
                   spill_dir=str(tmp_path))
     for t in blocks[:12]:  # 51 MB: parts already on the server
         w.consume(t)
-    assert w._bin.size > 3 * FIRST_PART
+    assert w.files.bin.size > 3 * FIRST_PART
     assert pending_uploads(store, bucket) == ["out/big_text_document.bin"]
     w.abort()
     assert pending_uploads(store, bucket) == []

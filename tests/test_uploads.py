@@ -18,7 +18,7 @@ import pytest
 
 from fixtures import alpaca_samples, write_jsonl
 from object_store import oss_server, s3_server
-from sftprep import pipeline
+from sftprep import pipeline, runtime
 from sftprep.config import BuildConfig, load
 from sftprep.sink import pending_uploads
 from test_jobs import ENV, ROOT
@@ -89,7 +89,7 @@ def test_a_writer_lost_mid_upload_ends_the_build_in_one_line_with_no_upload_pend
     killer = threading.Thread(target=kill_writer_mid_upload)
     killer.start()
     try:
-        with pytest.raises(pipeline.BuildFailed) as failed:
+        with pytest.raises(runtime.BuildFailed) as failed:
             pipeline.build(_config(store, data, qwen_dir, prefix))
     finally:
         done.set()
@@ -117,7 +117,7 @@ def test_the_upload_of_a_killed_driver_is_aborted_by_the_next_build(store, data,
         proc.wait()
     assert left, f"the build ended before its upload could be left: {proc.stderr.read()}"
     assert pending_uploads(prefix, store.storage_options) == left
-    with caplog.at_level(logging.WARNING, logger="sftprep.pipeline"):
+    with caplog.at_level(logging.WARNING, logger="sftprep.outputs"):
         manifest = pipeline.build(_config(store, data, qwen_dir, prefix))
     said = [r.getMessage() for r in caplog.records if "pending upload" in r.getMessage()]
     assert said == [f"[sftprep] aborted 1 pending upload an earlier build left unfinished: "

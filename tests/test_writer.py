@@ -116,7 +116,7 @@ def test_a_document_that_breaks_the_contract_is_never_written(tmp_path):
     w.consume(table([{"file": 0, "line": 1, "input_ids": ids, "labels": labels}]))
     with pytest.raises(LayoutError, match="document 0, position 3: label is not the next input"):
         finish(w)
-    assert os.path.getsize(w.tmp + ".bin") == 0
+    assert os.path.getsize(w.files.tmp + ".bin") == 0
     w.abort()
     assert os.listdir(tmp_path) == []
 
