@@ -98,7 +98,10 @@ def remove_unnamed_shards(config: BuildConfig, options: dict) -> None:
     manifest = {}
     if fs.exists(path + MANIFEST):
         with fs.open(path + MANIFEST, "rb") as f:
-            manifest = json.load(f)
+            try:
+                manifest = json.load(f)
+            except ValueError:  # not a manifest a build wrote (they are written whole): it
+                pass            # names no shard
 
     def has_files(prefix: str) -> bool:
         fs, path = filesystem(prefix, options)
