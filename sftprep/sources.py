@@ -21,7 +21,9 @@ structs left out, as a JSON writer would), so every later stage sees one kind of
 
 Splitting (``plan_reads``): an uncompressed ``.jsonl`` file larger than ``split_bytes`` is cut
 into byte ranges, each owning the lines that start inside it; a Parquet file into runs of whole
-row groups of about ``split_bytes``; ``.json`` arrays and ``.gz`` files stay one task.
+row groups of about ``split_bytes``; a ``.json`` array into ranges of whole elements, cut after
+top-level commas found by one scan on the driver that tracks strings and nesting (``_array_runs``;
+a range's elements keep their index in the whole array); ``.gz`` files stay one task.
 
 Sources (``parse_source``, ``mixture_plan``): every input is a source, optionally with a selection
 (``samples``, ``fraction``, ``repeat``; ``path#N`` on the command line). A file named by two
@@ -156,14 +158,15 @@ def is_parquet(url: str) -> bool:
 
 
 def _splittable(url: str) -> bool:
-    return url.endswith(".jsonl") or is_parquet(url)
+    return url.endswith((".jsonl", ".json")) or is_parquet(url)
 
 
 @dataclass(frozen=True)
 class ReadRange:
     """What one read task reads: all of file ``file`` (``end`` None), or a part of it: bytes
     ``[start, end)`` of a JSONL file (the lines starting there), row groups ``[start, end)`` of a
-    Parquet file."""
+    Parquet file, bytes ``[start, end)`` of a JSON array cut after top-level commas (the elements
+    there, the first of them element ``element``)."""
 
     file: int
     url: str
@@ -173,6 +176,7 @@ class ReadRange:
     source: int = 0  # the source that named the file
     copy: int = 0    # which pass over the source (``mixture_plan``)
     select: "Selection | None" = None  # None: every record
+    element: int = 0  # a JSON array range's first element index
 
     @property
     def pass_key(self) -> tuple[int, int]:
@@ -196,6 +200,8 @@ def plan_reads(files: list[InputFile], split_bytes: int, storage_options: dict |
             plan.append(ReadRange(index, f.url, size=f.size, source=f.source))
         elif is_parquet(f.url):
             plan += _row_group_runs(index, f, split_bytes, storage_options)
+        elif f.url.endswith(".json"):
+            plan += _array_runs(index, f, split_bytes, storage_options)
         else:
             n = math.ceil(f.size / split_bytes)
             cuts = [f.size * k // n for k in range(n + 1)]
@@ -222,6 +228,29 @@ def _row_group_runs(index: int, f: InputFile, split_bytes: int, storage_options:
     return runs or [ReadRange(index, f.url, size=f.size, source=f.source)]
 
 
+def _array_runs(index: int, f: InputFile, split_bytes: int, storage_options: dict | None
+                ) -> list[ReadRange]:
+    """A JSON array in ranges of about ``split_bytes``, cut after the first top-level comma at or
+    past each ``k * size / n``: one scan of the file, which tracks strings and nesting and parses
+    no element (a ``.json`` file holding JSON Lines stays one task)."""
+    n = math.ceil(f.size / split_bytes)
+    targets = [f.size * k // n for k in range(1, n)]
+    cuts = [(0, 0)]  # (byte, first element)
+    fs, path = filesystem(f.url, storage_options)
+    with fs.open(path, "rb") as handle:
+        head = _head(handle, _CHUNK)
+        if head.lstrip(_LEADING)[:1] != b"[":
+            return [ReadRange(index, f.url, size=f.size, source=f.source)]
+        for _, element, text, after in _array_scan(head, handle, _CHUNK):
+            if text is None or after is None or len(cuts) > len(targets):
+                break
+            if after >= targets[len(cuts) - 1]:
+                cuts.append((after, element + 1))
+    ends = [c[0] for c in cuts[1:]] + [f.size]
+    return [ReadRange(index, f.url, a, b, b - a, f.source, element=e)
+            for (a, e), b in zip(cuts, ends)]
+
+
 def read_range(r: ReadRange, task: int, storage_options: dict | None,
                block_records: int) -> Iterator[pa.Table]:
     """Stream one read task as Arrow tables of at most ``block_records`` rows (the task body);
@@ -245,7 +274,7 @@ def _records(r: ReadRange, f: BinaryIO) -> Iterator[tuple[int, int, bytes | None
     if is_parquet(r.url):
         return _parquet_rows(f, r.start, r.end)
     return iter_records(f, is_array_file=r.url.endswith((".json", ".json.gz")),
-                        start=r.start, end=r.end)
+                        start=r.start, end=r.end, element=r.element)
 
 
 def count_records(r: ReadRange, storage_options: dict | None) -> int:
@@ -271,24 +300,36 @@ def record_table(task: int, file: int, rows: list[tuple[int, int, bytes | None]]
 
 
 def iter_records(f: BinaryIO, is_array_file: bool, chunk_size: int = _CHUNK, start: int = 0,
-                 end: int | None = None) -> Iterator[tuple[int, int, bytes | None]]:
+                 end: int | None = None, element: int = 0
+                 ) -> Iterator[tuple[int, int, bytes | None]]:
     """``(line, element, raw bytes)`` of every record in an open binary stream, then the end
     row ``(lines read, -1, None)``. With ``end``: only the lines starting in bytes
-    ``[start, end)``, numbered from that range's first line."""
-    if start:
+    ``[start, end)``, numbered from that range's first line; in an array file, the elements
+    of that range (``_array_runs``), the first numbered ``element``."""
+    inside = is_array_file and start > 0  # an array range after the first: no ``[`` to find
+    if inside:
+        f.seek(start)
+        head = f.read(chunk_size)
+    elif start:
         head, start = _skip_partial_line(f, start, chunk_size)
     else:
-        head = f.read(chunk_size)
-        while head and not head.lstrip(_LEADING):  # up to the first byte that tells the kind
-            more = f.read(chunk_size)
-            if not more:
-                break
-            head += more
+        head = _head(f, chunk_size)
     limit = None if end is None else end - start
-    if is_array_file and end is None and head.lstrip(_LEADING)[:1] == b"[":
-        yield from _array_elements(head, f, chunk_size)
+    if inside or is_array_file and head.lstrip(_LEADING)[:1] == b"[":
+        yield from _array_elements(head, f, chunk_size, limit, element, inside)
     else:
         yield from _lines(head, f, chunk_size, limit, file_start=start == 0)
+
+
+def _head(f: BinaryIO, chunk_size: int) -> bytes:
+    """The stream's first bytes, up to the first one that tells the kind (``[`` or not)."""
+    head = f.read(chunk_size)
+    while head and not head.lstrip(_LEADING):
+        more = f.read(chunk_size)
+        if not more:
+            break
+        head += more
+    return head
 
 
 def _skip_partial_line(f: BinaryIO, start: int, chunk_size: int) -> tuple[bytes, int]:
@@ -336,22 +377,36 @@ def _lines(head: bytes, f: BinaryIO, chunk_size: int, limit: int | None, file_st
     yield number, -1, None
 
 
-# A complete JSON string, a lone quote (a string cut by the chunk end), or a structural byte.
-_TOKENS = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|"|[\[\]{},]')
+# From a position: past complete strings and other bytes, to the next structural byte (group 1)
+# or a lone quote (a string cut by the buffer's end). Possessive, anchored (``match``): linear.
+_NEXT = re.compile(rb'(?:[^"\[\]{},]++|"[^"\\]*+(?:\\.[^"\\]*+)*+")*+([\[\]{},"])')
 
 
-def _array_elements(head: bytes, f: BinaryIO, chunk_size: int
+def _array_elements(head: bytes, f: BinaryIO, chunk_size: int, limit: int | None = None,
+                    first: int = 0, inside: bool = False
                     ) -> Iterator[tuple[int, int, bytes | None]]:
+    """``_array_scan`` without the byte offsets: the reader's rows."""
+    for line, element, text, _ in _array_scan(head, f, chunk_size, limit, first, inside):
+        yield line, element, text
+
+
+def _array_scan(head: bytes, f: BinaryIO, chunk_size: int, limit: int | None = None,
+                first: int = 0, inside: bool = False
+                ) -> Iterator[tuple[int, int, bytes | None, int | None]]:
     """Split a top-level JSON array into its elements' raw bytes without parsing them:
-    ``(line, index in the array, bytes)``, then the end row.
+    ``(line, index in the array, bytes, offset past the comma after it)`` (offset None after
+    the last), then the end row ``(lines read, -1, None, None)``. ``inside``: the stream starts
+    just after a top-level comma (a range of ``_array_runs``), its first element numbered
+    ``first``; ``limit``: stop after the top-level comma ending at that offset. Lines and
+    offsets count from the stream's start.
 
     An array cut short (a truncated file) yields its last element behind a ``[``, so the parser
     rejects it as truncated with its line (a number cut short would parse) instead of the whole
     file being lost.
     """
     buf = head
-    pos = buf.index(b"[") + 1
-    start, depth, index = pos, 1, 0
+    pos = 0 if inside else buf.index(b"[") + 1
+    start, depth, index, base = pos, 1, first, 0  # base: the stream offset of buf[0]
     counted_pos, counted_line = 0, 1  # the line number at buf[counted_pos]
     eof = False
 
@@ -361,47 +416,50 @@ def _array_elements(head: bytes, f: BinaryIO, chunk_size: int
         counted_pos = p
         return counted_line
 
-    def element(end: int) -> tuple[int, int, bytes] | None:
+    def element(end: int, after: int | None) -> tuple[int, int, bytes, int | None] | None:
         nonlocal index
         raw = buf[start:end]
         text = raw.strip()
         if not text:
             return None
         index += 1
-        return line_at(start + (len(raw) - len(raw.lstrip()))), index - 1, text
+        return line_at(start + (len(raw) - len(raw.lstrip()))), index - 1, text, after
 
     while True:
-        m = _TOKENS.search(buf, pos)
-        if m is None or m.group() == b'"':
+        m = _NEXT.match(buf, pos)
+        if m is None or m.group(1) == b'"':
             if eof:
-                item = element(len(buf))
+                item = element(len(buf), None)
                 if item:
-                    yield item[0], item[1], b"[" + item[2]
+                    yield item[0], item[1], b"[" + item[2], None
                 break
             chunk = f.read(chunk_size)
             eof = not chunk
             # Drop what is consumed; keep the current element and the line count consistent.
             line_at(start)
-            buf, pos, counted_pos = buf[start:] + chunk, pos - start, 0
+            buf, pos, counted_pos, base = buf[start:] + chunk, pos - start, 0, base + start
             start = 0
             continue
-        tok = m.group()
+        tok = m.group(1)
         pos = m.end()
         if tok in (b"{", b"["):
             depth += 1
         elif tok in (b"}", b"]"):
             depth -= 1
             if depth == 0:
-                item = element(m.start())
+                item = element(m.start(1), None)
                 if item:
                     yield item
                 break
         elif tok == b"," and depth == 1:
-            item = element(m.start())
+            item = element(m.start(1), base + pos)
             if item:
                 yield item
             start = pos
-    yield line_at(min(pos, len(buf))) - 1, -1, None  # an array file is never split: any count
+            if limit is not None and base + pos >= limit:
+                break
+    # Lines up to where the scan stopped: a range's share, which ``Origins`` adds up.
+    yield line_at(min(pos, len(buf))) - 1, -1, None, None
 
 
 def _parquet_rows(f: BinaryIO, first_group: int, end_group: int | None

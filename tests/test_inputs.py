@@ -110,8 +110,8 @@ def test_every_input_shape_gives_the_bytes_of_the_same_records_in_jsonl(ray_sess
     assert got["summary"]["records"] == want["records"] == len(reference)
     assert want["rejected_records"] == 0
     tasks = {os.path.basename(i["url"]): i["read_tasks"] for i in got["inputs"]}
-    # Arrays are not split; Parquet by row groups (h's two are under 1000 bytes together).
-    assert tasks == {"a_bom.jsonl": 7, "b_compact.json": 1, "c_bom_array.json": 1,
+    # Arrays by elements; Parquet by row groups (h's two are under 1000 bytes together).
+    assert tasks == {"a_bom.jsonl": 7, "b_compact.json": 5, "c_bom_array.json": 5,
                      "d_crlf.jsonl": 3, "e_alpaca.parquet": 4, "f_messages.parquet": 2,
                      "g_renamed.parquet": 2, "h_sharegpt.parquet": 1}
 
@@ -194,6 +194,23 @@ def test_split_reads_give_the_unsplit_bytes_and_lines(stage, split_input, tmp_pa
 def test_split_reads_fail_at_the_true_line(stage, split_input, tmp_path):
     with pytest.raises(BadRecordError, match=r"s\.jsonl:6: truncated JSON"):
         write_split(stage, split_input, 300, str(tmp_path / "o"), "bfd", on_error="fail")
+
+
+def test_a_split_array_reports_a_bad_element_at_its_true_number(stage, tmp_path):
+    records = alpaca_samples(120, seed=16)
+    records[97] = {"instruction": "no output"}
+    for indent in (None, 2):
+        path = str(tmp_path / f"a{indent}.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(records, f, indent=indent)
+        whole = write_split(stage, path, 0, str(tmp_path / f"w{indent}"), "bfd")
+        split = write_split(stage, path, 2000, str(tmp_path / f"s{indent}"), "bfd")
+        assert whole[3] == 1 and split[3] >= 4 and split[:3] == whole[:3]
+        rejects = [json.loads(x) for x in split[2].splitlines()]
+        line = 1 if indent is None else 2 + sum(
+            json.dumps(r, indent=2).count("\n") + 1 for r in records[:97])
+        assert [(r["line"], r["element"], r["reason"]) for r in rejects
+                if r["status"] != "cut"] == [(line, 97, "missing field")]
 
 
 # -- one big file, many read tasks, on Ray -------------------------------------------------------

@@ -67,6 +67,15 @@ def selected(inputs: list, split: int = 0, seed: int = 42) -> list[tuple[int, in
     return out
 
 
+def test_a_selection_on_a_split_array_picks_what_it_picks_unsplit(tmp_path):
+    path = tmp_path / "arr.json"
+    path.write_text(json.dumps([record("j", i) for i in range(60)], indent=2))
+    inputs = [f"{path}#25", f"{path}#80"]
+    whole, split = selected(inputs), selected(inputs, split=300)
+    assert len(plan_reads(expand_inputs([str(path)]), 300)) >= 4
+    assert split == whole and len(whole) == 25 + 80
+
+
 def per_record(rows, source: int) -> Counter:
     return Counter(rid for s, _, rid in rows if s == source)
 

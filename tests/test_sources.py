@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sftprep.sources import (InputError, InputFile, Origins, ReadRange, auto_split_bytes,
-                             expand_inputs, iter_records, plan_reads, read_range)
+                             count_records, expand_inputs, iter_records, plan_reads, read_range)
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(alphabet=st.characters(codec="utf-8")),
@@ -169,6 +169,7 @@ def test_a_line_longer_than_a_range_is_read_once(tmp_path):
 
 def test_plan_splits_only_large_plain_jsonl_and_parquet(tmp_path):
     big = 100
+    (tmp_path / "c.json").write_bytes(b'{"a": 1}\n' * 10)  # JSON Lines in .json: one task
     files = [InputFile(str(tmp_path / n), size) for n, size in (
         ("a.jsonl", big), ("b.jsonl.gz", big), ("c.json", big), ("d.jsonl", 10))]
     plan = plan_reads(files, 30)
@@ -179,6 +180,91 @@ def test_plan_splits_only_large_plain_jsonl_and_parquet(tmp_path):
     mib = 1 << 20
     assert auto_split_bytes([InputFile("x", 10 * mib)], 64) == 32 * mib  # small: one task
     assert auto_split_bytes([InputFile("x", 50 << 30)], 100) == -(-(50 << 30) // 400)
+
+
+@settings(max_examples=150, deadline=None)
+@given(values=st.lists(json_values, max_size=12), indent=st.sampled_from([None, 1, 2]),
+       lead=st.sampled_from(["", "\ufeff", " \n"]), cut=st.integers(0, 6),
+       split=st.integers(1, 64))
+def test_an_array_split_in_element_ranges_gives_the_same_rows(tmp_path_factory, values, indent,
+                                                               lead, cut, split):
+    text = (lead + json.dumps(values, indent=indent, ensure_ascii=False)).encode()
+    text = text[:len(text) - min(cut, len(text) - 1)]  # cut > 0: a truncated file
+    path = str(tmp_path_factory.mktemp("array") / "x.json")
+    with open(path, "wb") as f:
+        f.write(text)
+    files = [InputFile(path, len(text))]
+    plan = plan_reads(files, split)
+    assert plan[0].start == 0 and all(a.end == b.start for a, b in zip(plan, plan[1:]))
+    assert [r.element for r in plan] == sorted({r.element for r in plan})
+    assert read_task_rows(plan, [path]) == read_task_rows(plan_reads(files, 0), [path])
+    for r in plan:  # the counting pass counts a range as the reader reads it
+        assert count_records(r, None) == sum(
+            b.num_rows for b in read_range(r, 0, None, 1 << 10)) - 1
+
+
+def tricky_records(n: int, bad: int) -> list:
+    """Records whose strings hold brackets, commas, braces and escaped quotes; ``bad``: one
+    that is valid JSON but not a sample."""
+    out = [{"instruction": f'Say [a, {{b}}] "c" \\ d]}}, {i}', "input": "",
+            "output": "word, " * 40 + f'"{i}"]'} for i in range(n)]
+    out[bad] = 42
+    return out
+
+
+@pytest.fixture(scope="module")
+def big_arrays(tmp_path_factory) -> dict:
+    """A 200 MB pretty-printed array and a 20 MB compact one (what ``json.dump`` writes), each
+    with a bad element at 9/10 of its elements."""
+    d, out = tmp_path_factory.mktemp("big"), {}
+    for name, indent, mb in (("pretty", 2, 200), ("compact", None, 20)):
+        path = str(d / f"{name}.json")
+        one = json.dumps(tricky_records(2, 1)[0], indent=indent)
+        n = (mb << 20) // len(one) + 1
+        records = tricky_records(n, n * 9 // 10)
+        if indent:  # as json.dump(indent=2) writes flat objects, without its slow encoder
+            parts = ["{\n    " + ",\n    ".join(f"{json.dumps(k)}: {json.dumps(v)}"
+                                              for k, v in r.items()) + "\n  }"
+                     if isinstance(r, dict) else json.dumps(r) for r in records]
+            text = "[\n  " + ",\n  ".join(parts) + "\n]"
+        else:
+            text = json.dumps(records)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        out[name] = (path, n)
+    return out
+
+
+@pytest.mark.parametrize("name", ["pretty", "compact"])
+def test_a_large_array_read_by_several_tasks_gives_one_tasks_rows(big_arrays, name):
+    path, n = big_arrays[name]
+    files = [InputFile(path, os.path.getsize(path))]
+    plan = plan_reads(files, -(-files[0].size // 5))
+    assert len(plan) >= 4 and files[0].size >= (200 << 20 if name == "pretty" else 20 << 20)
+    whole, split = (iter_rows(p, path) for p in (plan_reads(files, 0), plan))
+    count, bad = 0, n * 9 // 10
+    for a, b in zip(whole, split, strict=True):
+        assert a == b
+        if b[2] == b"42":
+            line = 1 if name == "compact" else 2 + bad * 5  # 3 keys and 2 braces a record
+            assert (b[0], b[1]) == (line, bad)
+        count += 1
+    assert count == n
+
+
+def iter_rows(plan: list[ReadRange], path: str):
+    """``(line, element, text)`` of every record, streamed, lines made whole by ``Origins``."""
+    origins = Origins([path], [r.pass_key for r in plan])
+    for task, r in enumerate(plan):
+        for block in read_range(r, task, None, 1 << 14):
+            for line, element, text in zip(*(block[c].to_pylist()
+                                              for c in ("line", "element", "text"))):
+                origins.enter(task)
+                if text is None:
+                    origins.end(task, line)
+                else:
+                    yield origins.locate(0, line, element)["line"], element, text
+    origins.finish()
 
 
 def write_parquet(path, rows: list[dict], row_group_size: int, schema=None) -> str:
