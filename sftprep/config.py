@@ -60,10 +60,11 @@ class SourceConfig:
     on_error: str = opt("fail", "bad records: fail (stop at the first, naming file and line) "
                         "or skip (write the rest, list them in <prefix>.rejects.jsonl)",
                         "--on-error")
-    split_bytes: int | None = opt(None, "read a plain .jsonl or a .parquet file larger than "
-                                  "this in several tasks of about this many bytes; 0: one task "
-                                  "per file (default: about 4 tasks per cluster CPU over all "
-                                  "the input, none under 32 MiB)", "--split-bytes")
+    split_bytes: int | None = opt(None, "read an uncompressed .jsonl, .json array or .parquet "
+                                  "file larger than this in several tasks of about this many "
+                                  "bytes; 0: one task per file (default: about 4 tasks per "
+                                  "cluster CPU over all the input, none under 32 MiB)",
+                                  "--split-bytes")
 
 
 @dataclass
