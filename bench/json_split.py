@@ -18,7 +18,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from sftprep.sources import InputFile, Origins, plan_reads, read_range  # noqa: E402
+from sftprep.sources import InputFile, plan_reads, plan_records  # noqa: E402
 
 
 def write_array(path: str, mb: int, indent: int | None) -> None:
@@ -37,19 +37,8 @@ def write_array(path: str, mb: int, indent: int | None) -> None:
 
 
 def rows(path: str, plan) -> list:
-    """``(line in the file, element, bytes)`` of every record, lines made whole by ``Origins``."""
-    origins, out = Origins([path], [r.pass_key for r in plan]), []
-    for task, r in enumerate(plan):
-        for block in read_range(r, task, None, 1 << 16):
-            for line, element, text in zip(*(block[c].to_pylist()
-                                              for c in ("line", "element", "text"))):
-                origins.enter(task)
-                if text is None:
-                    origins.end(task, line)
-                else:
-                    out.append((origins.locate(0, line, element)["line"], element, text))
-    origins.finish()
-    return out
+    """``(line in the file, element, bytes)`` of every record (``sources.plan_records``)."""
+    return [(line, element, text) for _, line, element, text in plan_records(plan)]
 
 
 def main() -> None:

@@ -290,6 +290,27 @@ def count_records(r: ReadRange, storage_options: dict | None) -> int:
         return sum(1 for _, _, text in _records(r, f) if text is not None)
 
 
+def plan_records(plan: list[ReadRange], storage_options: dict | None = None,
+                 block_records: int = 1 << 14) -> Iterator[tuple[int, int, int, bytes]]:
+    """Every record of ``plan`` in input order as ``(file, line, element, raw bytes)``, its line
+    the file's (``Origins``), read in this process without Ray: what the read stage hands on,
+    for checks and benchmarks."""
+    urls = {r.file: r.url for r in plan}
+    origins = Origins([urls.get(i, "") for i in range(max(urls, default=-1) + 1)],
+                      [r.pass_key for r in plan])
+    for task, r in enumerate(plan):
+        for block in read_range(r, task, storage_options, block_records):
+            for line, element, text in zip(*(block[c].to_pylist()
+                                              for c in ("line", "element", "text"))):
+                origins.enter(task)
+                if text is None:
+                    origins.end(task, line)
+                else:
+                    where = origins.locate(r.file, line, element)
+                    yield r.file, where.get("line", where.get("row")), element, text
+    origins.finish()
+
+
 def record_table(task: int, file: int, rows: list[tuple[int, int, bytes | None]]) -> pa.Table:
     """Read-stage rows of one task from ``(line, element, text)``; text None: the end row."""
     lines, elements, texts = zip(*rows) if rows else ((), (), ())

@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sftprep.sources import (InputError, InputFile, Origins, ReadRange, auto_split_bytes,
-                             count_records, expand_inputs, iter_records, plan_reads, read_range)
+                             count_records, expand_inputs, iter_records, plan_reads,
+                             plan_records, read_range)
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(alphabet=st.characters(codec="utf-8")),
@@ -253,18 +254,8 @@ def test_a_large_array_read_by_several_tasks_gives_one_tasks_rows(big_arrays, na
 
 
 def iter_rows(plan: list[ReadRange], path: str):
-    """``(line, element, text)`` of every record, streamed, lines made whole by ``Origins``."""
-    origins = Origins([path], [r.pass_key for r in plan])
-    for task, r in enumerate(plan):
-        for block in read_range(r, task, None, 1 << 14):
-            for line, element, text in zip(*(block[c].to_pylist()
-                                              for c in ("line", "element", "text"))):
-                origins.enter(task)
-                if text is None:
-                    origins.end(task, line)
-                else:
-                    yield origins.locate(0, line, element)["line"], element, text
-    origins.finish()
+    """``(line, element, text)`` of every record of one file's plan, streamed, true lines."""
+    return ((line, element, text) for _, line, element, text in plan_records(plan))
 
 
 def write_parquet(path, rows: list[dict], row_group_size: int, schema=None) -> str:
