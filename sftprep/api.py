@@ -201,8 +201,8 @@ def stats(config: str | Any = None, **options: Any) -> StatsResult:
     with user_errors():
         cfg = configure(lengths.StatsConfig, config, options)
         with naming("python", cfg), kept_process(cfg.run.verbose):
-            result, lengths = lengths.measure(cfg)
-    figure = (lengths.histogram_figure(lengths.tokens, result)
+            result, measured = lengths.measure(cfg)
+    figure = (lengths.histogram_figure(measured.tokens, result)
               if "tokens" in result and lengths._have_matplotlib() else None)
     return StatsResult(result, figure, *lengths.tables(result))
 

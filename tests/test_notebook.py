@@ -26,9 +26,10 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     assert any("image/png" in d for d in data)  # the token-length histogram, inline
     summary = [d["text/plain"] for d in data if "packing efficiency" in d.get("text/plain", "")]
     assert summary and "documents" in summary[0] and "(.bin/.idx, verified)" in summary[0]
+    assert "per source" in summary[0] and "#150" in summary[0]  # the mixture's table
     assert any("<mark" in d.get("text/html", "") for d in data)  # inspect: trained tokens
     bar = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
-    assert "[sftprep] read tasks" in bar and "2/2" in bar
+    assert "[sftprep] read tasks" in bar and "3/3" in bar  # the chats' two passes: 2 tasks
     noise = [o.text for o in outputs if o.output_type == "stream" and o.name == "stderr"]
     assert noise == []
     assert os.path.exists(tmp_path / "output" / "quickstart_text_document.bin")
