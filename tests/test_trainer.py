@@ -284,7 +284,7 @@ def test_a_trainer_safe_writer_refuses_a_row_packed_training_cannot_read(tmp_pat
             with pytest.raises(RuntimeError, match="document 0: its only sample fills"):
                 w.finish({})
             w.abort()
-            assert not os.path.exists(w.prefix + ".bin")
+            assert not os.path.exists(w.files.prefix + ".bin")
         else:
             t = w.finish({})["trainer"]
             assert t["rows_breaking"]["full_rows"] == 1 and t["safe_modes"] == ["unpacked"]

@@ -101,7 +101,7 @@ def test_a_writer_lost_mid_upload_ends_the_build_in_one_line_with_no_upload_pend
 
 
 def test_the_upload_of_a_killed_driver_is_aborted_by_the_next_build(store, data, ray_session,
-                                                                    qwen_dir, caplog):
+                                                                    qwen_dir, caplog, tmp_path):
     bucket, prefix = _prefix(store)
     proc = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "jobs", "build.py"), "--input", data,
@@ -117,10 +117,12 @@ def test_the_upload_of_a_killed_driver_is_aborted_by_the_next_build(store, data,
         proc.wait()
     assert left, f"the build ended before its upload could be left: {proc.stderr.read()}"
     assert pending_uploads(prefix, store.storage_options) == left
+    # the next build on the prefix (of a few samples: what it writes is not the point)
+    few = write_jsonl(tmp_path / "few.jsonl", alpaca_samples(20, 3))
     with caplog.at_level(logging.WARNING, logger="sftprep.outputs"):
-        manifest = pipeline.build(_config(store, data, qwen_dir, prefix))
+        manifest = pipeline.build(_config(store, few, qwen_dir, prefix))
     said = [r.getMessage() for r in caplog.records if "pending upload" in r.getMessage()]
     assert said == [f"[sftprep] aborted 1 pending upload an earlier build left unfinished: "
                     f"{prefix}_text_document.bin"]
-    assert manifest["summary"]["samples_written"] == SAMPLES
+    assert manifest["summary"]["samples_written"] == 20
     assert pending_uploads(prefix, store.storage_options) == []
