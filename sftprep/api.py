@@ -70,14 +70,14 @@ def kept_process(verbose: bool = False):
 
     with quiet(verbose):
         import ray
-        import ray.data
 
+        from sftprep import ray_compat
         from sftprep.runtime import RuntimeLost
 
         started = not ray.is_initialized()
         lost = False
         try:
-            with ray.data.DataContext.current(ray.data.DataContext.get_current().copy()):
+            with ray_compat.data_context_copy():
                 yield
         except RuntimeLost:
             lost = True

@@ -8,6 +8,8 @@ Ray-facing tests on the oldest; the main suite runs on the newest.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import inspect
 import sys
 
@@ -43,6 +45,24 @@ def with_object_store_limit(limits, object_store_bytes: int):
     except TypeError:
         return ray.data.ExecutionResources.for_limits(cpu=limits.cpu, gpu=limits.gpu,
                                                       object_store_memory=object_store_bytes)
+
+
+@contextlib.contextmanager
+def data_context_copy():
+    """Run with a copy of Ray Data's current ``DataContext`` as the current one, so the job's
+    settings go on the copy; the one before is current again after (``DataContext.current``,
+    which does this, arrived after 2.39)."""
+    context = ray.data.DataContext
+    if hasattr(context, "current"):
+        with context.current(context.get_current().copy()):
+            yield
+        return
+    before = context.get_current()
+    context._set_current(copy.deepcopy(before))
+    try:
+        yield
+    finally:
+        context._set_current(before)
 
 
 def progress_bars(wanted: bool) -> bool:
