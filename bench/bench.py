@@ -311,7 +311,7 @@ def run_stage(path: str, tokenizer: str, seq_length: int, backend: str) -> dict:
     from sftprep.sources import ReadRange, read_range
     from sftprep.tokenize import Tokenize, TokenizeSpec
 
-    stage = Tokenize(TokenizeSpec(tokenizer, seq_length, backend=backend))
+    stage = Tokenize(TokenizeSpec.of(tokenizer, seq_length, backend=backend))
     samples = tokens = 0
     cpu = 0.0
     with TreeMonitor() as mon:

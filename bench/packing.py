@@ -37,7 +37,7 @@ def token_lengths(paths: list[str]) -> tuple[list[list[int]], float]:
     """Full token length of every sample, grouped by input line, and the tokenizer stage's
     seconds per sample."""
     raw = [r for p in paths for r in raw_records(p)]
-    stage = Tokenize(TokenizeSpec(qwen_tokenizer_dir(), 1 << 30))
+    stage = Tokenize(TokenizeSpec.of(qwen_tokenizer_dir(), 1 << 30))
     t0 = time.perf_counter()
     out = stage(record_table(0, 0, [(i + 1, -1, text) for i, text in enumerate(raw)]))
     rows = [r for r in out.select(["line", "status", "tokens"]).to_pylist() if r["status"] == OK]

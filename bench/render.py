@@ -93,7 +93,7 @@ def stage(args) -> None:
         corpus += raw
     batches = [record_table(0, 0, [(i + j + 1, -1, t) for j, t in enumerate(corpus[i:i + 256])])
                for i in range(0, 20_000, 256)]
-    spec = TokenizeSpec(args.tokenizer or qwen_tokenizer_dir(), 2048)
+    spec = TokenizeSpec.of(args.tokenizer or qwen_tokenizer_dir(), 2048)
     setup = Tokenize(spec).setup
     best = {"jinja": float("inf"), "traced": float("inf")}
     for _ in range(args.rounds):

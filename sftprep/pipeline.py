@@ -85,13 +85,8 @@ class RecordSource(ray.data.Datasource):
 
 
 def tokenize_spec(config: BuildConfig) -> TokenizeSpec:
-    t = config.template
-    return TokenizeSpec(tokenizer=t.tokenizer, seq_length=t.seq_length, pad_token=t.pad_token,
-                        chat_template=t.chat_template, train_on=t.train_on,
-                        train_tool_calls=t.train_tool_calls, format=config.source.format,
-                        columns=tuple(sorted(config.source.columns.items())),
-                        trainer_safe=t.trainer_safe, overlong=t.overlong,
-                        reasoning_turns=t.reasoning_turns, backend=t.backend)
+    return TokenizeSpec(config.template, config.source.format,
+                        tuple(sorted(config.source.columns.items())))
 
 
 def loaded_tokenizer(config: BuildConfig) -> tuple:
@@ -194,14 +189,19 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
     (``outputs.abandon``) and ends in one line (``runtime.guarded``)."""
     validate(config)
     started = time.time()
+    wall = _Laps(started)
     files = expand_inputs(config.source.inputs, config.source.storage_options)
     outputs.remove_unnamed_shards(config, resolve_options([config.document_prefix],
                                                           config.source.storage_options))
     outputs.check_output_free(config)
+    wall.lap("inputs")
     tokenizer = runtime.in_background(lambda: loaded_tokenizer(config))
     runtime.ensure_ray(config.run.verbose)  # Ray's start is mostly waiting: the tokenizer loads
+    wall.lap("ray_start")
     tok, setup, resolved = tokenizer()      # meanwhile
+    wall.lap("tokenizer")
     plan = read_plan(config, files)
+    wall.lap("plan")
     options = resolve_options([config.document_prefix], config.source.storage_options)
     task_shard = shard_of_tasks([r.size * r.select.keep // r.select.total if r.select else r.size
                                  for r in plan], config.output.shards)
@@ -211,6 +211,7 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
     writer_pids = [pid for pid, _ in leftovers]
     temporary = [p for _, paths in leftovers for p in paths]
     uploads: list[tuple[str, str]] = []  # (url, upload id) the writers started, in that order
+    wall.lap("writers")
 
     def node_lost() -> None:  # no Ray call can answer now; the writers' files are on this node
         runtime.stop_processes(writer_pids)  # a writer outlives its raylet a moment: stop it
@@ -225,15 +226,29 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
                                                             uploads), release):
         reach = task_reach([r.pass_key for r in plan], task_ranges(task_shard, len(writers)))
         feed(tokenized_dataset(config, plan, setup=setup), writers, reach, on_progress, started,
-             len(plan), uploads)
-        extra = manifest_extra(config, files, plan, started, tok, setup, resolved)
+             len(plan), uploads, wall)
+        wall.lap("stream")
+        extra = manifest_extra(config, files, plan, started, tok, setup, resolved, wall.laps)
         return outputs.finish(config, writers, extra, options)
 
 
+class _Laps:
+    """The driver's wall time per step of a build (the manifest's ``timing``)."""
+
+    def __init__(self, started: float):
+        self.last, self.laps = started, {}
+
+    def lap(self, step: str) -> None:
+        now = time.time()
+        self.laps[step] = round(now - self.last, 3)
+        self.last = now
+
+
 def manifest_extra(config: BuildConfig, files: list[InputFile], plan: list[ReadRange],
-                   started: float, tok, setup: Setup, resolved) -> dict:
-    """The manifest's sections about the run itself: versions, times, sources, inputs, the
-    tokenizer and the configuration (``shards.assemble_manifest`` adds the figures)."""
+                   started: float, tok, setup: Setup, resolved, wall: dict) -> dict:
+    """The manifest's sections about the run itself: versions, times (``wall``: the driver's
+    steps), sources, inputs, the tokenizer and the configuration (``shards.assemble_manifest``
+    adds the figures, and the writers' CPU to the times)."""
     checks = " and ".join([*(["HF re-encoded"] if setup.backend == "fast" else []),
                            *(["Jinja re-rendered"] if setup.renderer == "traced" else [])])
     return {
@@ -241,6 +256,7 @@ def manifest_extra(config: BuildConfig, files: list[InputFile], plan: list[ReadR
         "ray_version": ray.__version__,
         "created_unix": round(started, 3),
         "elapsed_seconds": round(time.time() - started, 3),
+        "timing": {"wall_seconds": wall},
         "seed": config.source.seed,
         "sources": sources_section(config, files, plan),
         "inputs": [{"url": f.url, "bytes": f.size, "source": f.source,
@@ -286,12 +302,13 @@ _task_span = ray.remote(num_cpus=0)(task_span)  # a block's read tasks, where it
 
 def feed(ds: ray.data.Dataset, writers: list, reach: list[tuple[int, int]],
          on_progress: Callable[[dict], None] | None, started: float, tasks: int = 0,
-         uploads: list | None = None) -> None:
+         uploads: list | None = None, wall: _Laps | None = None) -> None:
     """Hand every block, in input order, to the writer(s) whose ``reach`` (``shards.task_reach``)
     its rows fall in; the writers' answers give the progress (of ``tasks`` read tasks), reported
     after every block (``sftprep.progress`` decides how often to show it), and the multipart
     uploads they started (added to ``uploads``). With one writer no routing is needed; with
-    several, a zero-CPU task names each block's first and last read task."""
+    several, a zero-CPU task names each block's first and last read task. ``wall`` gets the
+    wait for the first block (``first_block``)."""
     in_flight: deque = deque()
     spans: deque = deque()
     latest = [{} for _ in writers]
@@ -320,6 +337,8 @@ def feed(ds: ray.data.Dataset, writers: list, reach: list[tuple[int, int]],
                              if a <= span[1] and span[0] <= b])
 
     for bundle in ds.iter_internal_ref_bundles():
+        if wall is not None and "first_block" not in wall.laps:
+            wall.lap("first_block")
         for block_ref in bundle.block_refs:
             if len(writers) == 1:
                 send(block_ref, [0])

@@ -163,6 +163,7 @@ def assemble_manifest(extra: dict, summaries: list[dict], figures: list[dict],
     writer, or a shard each), the one place it is made. ``train``: ``trainer.section``'s
     epochs and global batch size."""
     summary = combine_summaries(summaries, extra.get("elapsed_seconds"))
+    timing = {**extra.get("timing", {}), "cpu_seconds": summary.pop("cpu_seconds")}
     if len(summaries) == 1:
         data_path, files, shards = prefixes[0], outputs[0], {}
         figure = figures[0]
@@ -173,7 +174,8 @@ def assemble_manifest(extra: dict, summaries: list[dict], figures: list[dict],
         data_path, files, shards = (data_path_argument(listed), {"manifest": manifest_url},
                                     {"shards": listed})
         figure = trainer.combine(figures)
-    return {**extra, "summary": summary, "verified": True, **shards, "data_path": data_path,
+    return {**extra, "timing": timing, "summary": summary, "verified": True, **shards,
+            "data_path": data_path,
             "trainer": trainer.section(figure, seq_length, data_path, **(train or {})),
             "files": files}
 

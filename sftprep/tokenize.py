@@ -19,7 +19,13 @@ Per sample, with ``L`` tokens and trained spans from the template (contract, "On
 ``labels[t] = ids[t+1]`` where token ``t+1`` is trained, else ``-100``; ``labels[L-1] = -100``;
 the last input becomes ``-1 - id`` (the sample boundary). Samples longer than ``S`` are cut to
 ``S`` first; a sample with no trained token inside the first ``S`` (the prompt alone fills the
-window) is dropped, which is the reference's rule ``len(prompt_ids) >= S``.
+window) is dropped, which is the reference's rule ``len(prompt_ids) >= S``. The labels are a
+function of the ids and the trained token ranges, so only those travel (``trained``: half the
+bytes of a labels column); the writer makes the labels of a whole block at once (``labels``).
+
+Every output row is one ``SCHEMA`` row, the contract the writer and the stats job read. The
+stage's CPU time per phase (``PHASES``) rides on each output block's first row (``cpu_ns``), so
+the writer can give the build's CPU budget (``budget``) without a helper actor.
 
 ``trainer_safe`` (the default) adds the cuts Pai-Megatron-Patch's trainer needs (docs/trainer.md):
 a sample keeps at most ``S - 1`` tokens, so a document holding it alone keeps a pad slot (packed
@@ -36,12 +42,15 @@ sample's reasoning texts as ``template.Rendered`` does (carried, not rendered, s
 
 from __future__ import annotations
 
+import itertools
 import os
+import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from sftprep.encode import Setup, encoder, prepare
 from sftprep.errors import Error
@@ -49,6 +58,7 @@ from sftprep.idxmap import IGNORE_INDEX
 from sftprep.records import RecordError, parse_group
 from sftprep.sources import ORIGIN
 from sftprep.sources import SCHEMA as RECORD_SCHEMA
+from sftprep.config import TemplateConfig
 from sftprep.template import ChatRenderer, TemplateError, load_tokenizer
 
 OK, REJECTED, DROPPED, END = "ok", "rejected", "dropped", "end"
@@ -75,31 +85,35 @@ SCHEMA = pa.schema([
     ("chars", pa.int32()),           # characters of the sample's message contents
     ("lost", pa.list_(pa.int32())),  # ok rows: tokens lost to each of CUTS; [] when whole
     ("reasoning", pa.list_(pa.int32())),  # reasoning texts, per REASONING; [] when none
-    ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
+    ("input_ids", pa.list_(pa.int32())),  # the boundary as -1 - id: [] when not written
+    ("trained", pa.list_(pa.int32())),    # trained token ranges [a0, b0, a1, b1, ...], 1 <= a
+    ("cpu_ns", pa.list_(pa.int64())),     # the block's first row: the stage's CPU per PHASES
 ])
+# The stage's CPU, per phase: records parsed (``records``), conversations rendered through the
+# chat template, texts encoded, the guards' second encoding and rendering, and the rest (cuts,
+# trained ranges, the output table).
+PHASES = ("parse", "render", "encode", "guard", "rows")
 
 
 @dataclass(frozen=True)
 class TokenizeSpec:
-    """What the stage needs, picklable for the actors."""
+    """What the stage needs, picklable for the actors: the template section as configured, how
+    records are parsed, and the read plan's files and starts (to name a file and line)."""
 
-    tokenizer: str
-    seq_length: int
-    pad_token: str | None = None
-    chat_template: str | None = None
-    train_on: str = "all"
-    train_tool_calls: bool = True
+    template: TemplateConfig
     format: str = "auto"
     columns: tuple = ()
-    trainer_safe: bool = True
-    overlong: str = "truncate"       # truncate (cut at S) or drop
-    reasoning_turns: str = "keep"    # keep (the template's rendering) or split
-    backend: str = "auto"            # auto (the fast path where it applies) or hf
     files: tuple = ()                # input URLs, to name a file in a guard failure
     # Per read task, where its part of the file starts (a byte, or a Parquet row group; 0: the
     # file's start): a row's line counts from there (``sources``), so only a task starting
     # its file holds the file's first lines.
     starts: tuple = ()
+
+    @classmethod
+    def of(cls, tokenizer: str, seq_length: int, **options) -> "TokenizeSpec":
+        """A spec from options by name, ``TemplateConfig``'s or this class's (tests, benchmarks)."""
+        own = {k: options.pop(k) for k in list(options) if k in cls.__dataclass_fields__}
+        return cls(TemplateConfig(tokenizer=tokenizer, seq_length=seq_length, **options), **own)
 
 
 GUARD_LINES = 512
@@ -118,41 +132,51 @@ class Tokenize:
         # One encoding thread per actor: the actors share the node's cores. Set here rather
         # than in a runtime_env, which would keep the actor out of Ray's prestarted workers.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        self.spec = spec
+        self.spec, t = spec, spec.template
         if isinstance(setup, list):
             import ray
             setup = ray.get(setup[0])
         if setup is None:
-            setup = prepare(load_tokenizer(spec.tokenizer, spec.pad_token, spec.chat_template),
-                            spec.backend)
+            setup = prepare(load_tokenizer(t.tokenizer, t.pad_token, t.chat_template), t.backend)
         self.setup = setup
         self.encoder, self.hf = encoder(setup)
-        self.render = ChatRenderer(setup, spec.train_on, spec.train_tool_calls,
+        self.render = ChatRenderer(setup, t.train_on, t.train_tool_calls,
                                    traced=setup.renderer == "traced",
-                                   reasoning_turns=spec.reasoning_turns)
+                                   reasoning_turns=t.reasoning_turns)
         self.columns = dict(spec.columns)
         self.batches = 0
+        self.cpu: dict[str, int] = {}  # the current batch's CPU nanoseconds per phase
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        self.cpu = dict.fromkeys(PHASES, 0)
+        clock = time.thread_time_ns()
         out = _Rows()
         todo = []  # in input order: (batch row, sample index, raw text, Rendered, RecordError
         #            or None for a read task's end row)
+        parsing = 0
         for i, raw in enumerate(batch["text"].to_pylist()):
             if raw is None:
                 todo.append((i, -1, raw, None))
                 continue
-            rendered = self._samples(raw)
+            c0 = time.thread_time_ns()
+            chats = self._parse(raw)
+            parsing += time.thread_time_ns() - c0
+            rendered = self._render(chats) if not isinstance(chats, RecordError) else chats
             if isinstance(rendered, RecordError):
                 todo.append((i, -1, raw, rendered))
             else:
                 todo += [(i, k, raw, r) for k, r in enumerate(rendered)]
+        self.cpu["parse"], self.cpu["render"] = parsing, -parsing  # render: the loop less this
         samples = [t for t in todo if t[-1] is not None and not isinstance(t[-1], RecordError)]
+        clock = self._spent("render", clock)  # less the parsing, counted above
         encoded = self.encoder.encode([r.text for *_, r in samples],
                                       [r.trained for *_, r in samples])
+        clock = self._spent("encode", clock)
         if self.render.traced:
             self._render_guard(batch, todo)
         if self.encoder is not self.hf:
             self._guard(batch, samples, encoded)
+        clock = self._spent("guard", clock)
         self.batches += 1
         encodings = iter(encoded)
         for i, k, raw, r in todo:
@@ -162,17 +186,29 @@ class Tokenize:
                 out.problem(i, k, REJECTED, r.reason, r.detail, raw)
             else:
                 self._sample(out, i, k, raw, r, *next(encodings))
-        return out.table(batch)
+        table = out.table(batch)
+        self._spent("rows", clock)
+        return _with_cpu(table, [self.cpu[p] for p in PHASES])
 
-    def _samples(self, raw: bytes, traced: bool = True) -> list | RecordError:
-        """A record's samples rendered (``ChatRenderer.samples``), or why it cannot be used."""
+    def _spent(self, phase: str, since: int) -> int:
+        """Count the thread's CPU since ``since`` to ``phase``; the clock now."""
+        now = time.thread_time_ns()
+        self.cpu[phase] += now - since
+        return now
+
+    def _parse(self, raw: bytes) -> list | RecordError:
+        """A record's conversations (``records.parse_group``), or why it cannot be used."""
         try:
-            return [r for c in parse_group(raw, self.spec.format, self.columns)
-                    for r in self.render.samples(c, traced)]
-        except TemplateError as e:
-            return RecordError("template", str(e))
+            return parse_group(raw, self.spec.format, self.columns)
         except RecordError as e:
             return e
+
+    def _render(self, chats: list, traced: bool = True) -> list | RecordError:
+        """The conversations' samples rendered (``ChatRenderer.samples``), or why not."""
+        try:
+            return [r for c in chats for r in self.render.samples(c, traced)]
+        except TemplateError as e:
+            return RecordError("template", str(e))
 
     def _picked(self, batch: pa.Table, rows: list) -> list[int]:
         """Which of ``rows`` (``(batch row, sample index, ...)``) the guards check."""
@@ -206,7 +242,7 @@ class Tokenize:
         for j in self._picked(batch, rows):
             i, k, raw, got = rows[j]
             if i not in jinja:  # a record's samples are rendered together, once
-                jinja[i] = self._samples(raw, traced=False)
+                jinja[i] = self._render(self._parse(raw), traced=False)
             want = jinja[i]
             if not isinstance(want, RecordError):
                 want = (want[k] if len(want) == made[i] else
@@ -235,26 +271,24 @@ class Tokenize:
                     f"spans {got_spans}; text {r.text!r}")
 
     def _sample(self, out: "_Rows", i, k, raw, rendered, ids, spans) -> None:
-        S, safe = self.spec.seq_length, self.spec.trainer_safe
+        t = self.spec.template
+        S, safe = t.seq_length, t.trainer_safe
         n = len(ids)
         first = min((a for a, b in spans if a < b), default=n)  # tokens before the first trained
         about = dict(tokens=n, prompt_tokens=first, chars=rendered.chars,
                      reasoning=rendered.reasoning)
         room = S - 1 if safe else S
-        if self.spec.overlong == "drop" and n > room:
+        if t.overlong == "drop" and n > room:
             out.problem(i, k, DROPPED, OVERLONG, f"{n} tokens, more than the {room} a document "
                         f"holds (seq-length {S}{', trainer-safe' if safe else ''}); "
                         "--overlong truncate would cut it", raw, **about)
             return
         cap, lost = cut(ids, S, safe)
-        ids = ids[:cap]
-        labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int32)
-        trained = False
-        for a, b in spans:  # label t is input t+1 where token t+1 is trained (never token 0)
-            a, b = max(a, 1), min(b, len(ids))
+        trained = []  # token t is trained where a <= t < b: label t - 1 is input t, so t >= 1
+        for a, b in spans:
+            a, b = max(a, 1), min(b, cap)
             if a < b:
-                labels[a - 1:b - 1] = ids[a:b]
-                trained = True
+                trained += (a, b)
         if not trained:
             if first < n:
                 why = [c for c, x in zip(CUTS[1:], lost[1:]) if x]
@@ -264,10 +298,11 @@ class Tokenize:
                 reason, detail = "nothing to train", "no assistant turn is trained"
             out.problem(i, k, DROPPED, reason, detail, raw, **about)
             return
+        ids = ids[:cap]
         ids[-1] = -1 - ids[-1]
         if any(lost):
             about.update(zip(("reason", "detail"), cut_report(lost, S)))
-        out.sample(i, k, ids, labels, lost if any(lost) else [], about)
+        out.sample(i, k, ids, trained, lost if any(lost) else [], about)
 
 
 def _outcome(r) -> tuple:
@@ -314,44 +349,73 @@ class _Rows:
     def __init__(self):
         self.rows: list[int] = []
         self.cols = {name: [] for name in SCHEMA.names
-                     if name not in ORIGIN + ("input_ids", "labels")}
+                     if name not in ORIGIN + ("input_ids", "trained", "cpu_ns")}
         self.ids: list[np.ndarray] = []
-        self.labels: list[np.ndarray] = []
+        self.trained: list[list[int]] = []
 
     def _row(self, i, **values) -> None:
         self.rows.append(i)
         for name, col in self.cols.items():
             col.append(values.get(name))
 
-    def sample(self, i, k, ids, labels, lost: list[int], about: dict) -> None:
+    def sample(self, i, k, ids, trained: list[int], lost: list[int], about: dict) -> None:
         self._row(i, sample=k, status=OK, lost=lost, **about)
         self.ids.append(ids)
-        self.labels.append(labels)
+        self.trained.append(trained)
 
     def problem(self, i, k, status, reason, detail, raw: bytes, **about) -> None:
         text = raw[:REJECT_TEXT_CHARS * 4].decode("utf-8", errors="replace")[:REJECT_TEXT_CHARS]
         self._row(i, sample=k, status=status, reason=reason, detail=detail, text=text, **about)
         self.ids.append(_EMPTY)
-        self.labels.append(_EMPTY)
+        self.trained.append([])
 
     def end(self, i) -> None:
         self._row(i, sample=-1, status=END)
         self.ids.append(_EMPTY)
-        self.labels.append(_EMPTY)
+        self.trained.append([])
 
     def table(self, batch: pa.Table) -> pa.Table:
         origin = batch.select(list(ORIGIN)).take(pa.array(self.rows, pa.int64()))
         arrays = [origin[name].combine_chunks() for name in ORIGIN]
         arrays += [pa.array(self.cols[name], SCHEMA.field(name).type) for name in self.cols]
-        arrays += [_list_array(self.ids), _list_array(self.labels)]
+        trained = np.fromiter(itertools.chain.from_iterable(self.trained), np.int32)
+        arrays += [_list_array(list(map(len, self.ids)), np.concatenate(self.ids or [_EMPTY])),
+                   _list_array(list(map(len, self.trained)), trained),
+                   pa.nulls(len(self.rows), SCHEMA.field("cpu_ns").type)]
         return pa.Table.from_arrays(arrays, schema=SCHEMA)
 
 
 _EMPTY = np.zeros(0, dtype=np.int32)
 
 
-def _list_array(parts: list[np.ndarray]) -> pa.ListArray:
-    offsets = np.zeros(len(parts) + 1, dtype=np.int32)
-    np.cumsum([len(p) for p in parts], out=offsets[1:])
-    values = np.concatenate(parts) if parts else _EMPTY
-    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, pa.int32()))
+def _list_array(lengths: list[int], values: np.ndarray) -> pa.ListArray:
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(values, SCHEMA.field(
+        "input_ids").type.value_type))
+
+
+def _with_cpu(table: pa.Table, cpu_ns: list[int]) -> pa.Table:
+    """``table`` with ``cpu_ns`` on its first row (a block holds at least one row)."""
+    column = pa.array([cpu_ns] + [None] * (table.num_rows - 1), SCHEMA.field("cpu_ns").type)
+    return table.set_column(SCHEMA.get_field_index("cpu_ns"), "cpu_ns", column)
+
+
+def labels(ids: pa.ListArray, trained: pa.ListArray) -> np.ndarray:
+    """The labels of a block's samples, aligned with ``ids.values`` (``ids.offsets`` index
+    both): ``labels[t] = ids[t+1]`` (a boundary's id restored) where token ``t+1`` is trained
+    (``trained``'s ranges), else ``IGNORE_INDEX``. No range starts at a sample's token 0, so no
+    label reaches into the next sample."""
+    values = ids.values.to_numpy()
+    n = len(values)
+    ranges = pc.list_flatten(trained).to_numpy().reshape(-1, 2)
+    owner = np.repeat(ids.offsets.to_numpy()[:-1].astype(np.int64),
+                      np.diff(trained.offsets.to_numpy()) // 2)
+    marks = np.zeros(n + 1, np.int32)  # +1 where a range starts, -1 where it ends
+    marks[owner + ranges[:, 0]] += 1   # (the starts are distinct, and so are the ends)
+    marks[owner + ranges[:, 1]] -= 1
+    next_trained = np.cumsum(marks[1:n]) > 0  # for label t: is token t + 1 trained
+    following = values[1:]
+    out = np.full(n, IGNORE_INDEX, np.int32)
+    out[:-1][next_trained] = np.where(following < 0, -1 - following, following)[next_trained]
+    return out

@@ -33,7 +33,8 @@ from sftprep.outputs import REJECTS, OutputFiles
 from sftprep.packing import BestFitPacker, Document, Piece, make_packer
 from sftprep.shards import TASK_COLUMN, assemble_manifest, derive_figures, merge_figures, task_reach
 from sftprep.sources import Origins, ReadRange, describe
-from sftprep.tokenize import CUT_KEYS, CUTS, DROPPED, END, OK, OVERLONG, REASONING, REJECTED
+from sftprep.tokenize import (CUT_KEYS, CUTS, DROPPED, END, OK, OVERLONG, PHASES, REASONING,
+                              REJECTED, SCHEMA, labels)
 
 # Counters the summary gives as they are (docs/trainer.md): samples written shorter and the
 # tokens they lost, in all and per cut; samples ``--overlong drop`` dropped and their tokens;
@@ -42,6 +43,14 @@ FIGURES = ("cut_samples", "tokens_lost",
            *(f"{CUT_KEYS[c]}_{x}" for c in CUTS for x in ("samples", "tokens_lost")),
            "overlong_dropped", "overlong_dropped_tokens",
            *(f"reasoning_{name}" for name in REASONING))
+
+
+# The stage's columns the writer reads row by row (the token columns it reads as arrays).
+ROW_COLUMNS = [n for n in SCHEMA.names if n not in ("input_ids", "trained", "cpu_ns")]
+# The writer's CPU, per phase: the block's rows read (columns, labels, groups), documents
+# packed, their rows assembled, checked (``idxmap.check_rows``, ``trainer.check_rows``) and
+# written, and the end (flush, index, checks).
+WRITER_PHASES = ("rows_in", "pack", "rows_out", "check", "write", "seal")
 
 
 class BadRecordError(Error, ValueError):
@@ -155,6 +164,8 @@ class SFTWriter:
         self._rows = np.empty((0, 2 * seq_length), dtype=np.int32)  # reused: no page faults
         self.started = time.time()
         self.write_seconds = 0.0
+        self.stage_cpu = np.zeros(len(PHASES), np.int64)  # the tokenizer stage's, from cpu_ns
+        self.cpu = dict.fromkeys(WRITER_PHASES, 0)        # this writer's thread, nanoseconds
 
     # -- consuming ---------------------------------------------------------------------------
 
@@ -162,24 +173,29 @@ class SFTWriter:
         self.c, self.reasons = self.counts[source], self.by_reason[source]
 
     def consume(self, table: pa.Table) -> dict:
-        """Take one block of the tokenizer stage's output (rows in input order)."""
-        t0 = time.perf_counter()
+        """Take one block of the tokenizer stage's output (``tokenize.SCHEMA`` rows, in input
+        order)."""
+        t0, clock = time.perf_counter(), time.thread_time_ns()
+        if not table.schema.equals(SCHEMA):
+            raise RuntimeError(f"the tokenizer stage sent {table.schema}, not its SCHEMA")
+        cpu = table["cpu_ns"]
         if self.owns is not None:  # a block may also hold other shards' rows
             tasks = table[TASK_COLUMN]
             lo, hi = self.owns
             mine = pc.and_(pc.greater_equal(tasks, lo), pc.less_equal(tasks, hi))
             ends = pc.and_(pc.equal(table["status"], END),
                            pc.and_(pc.greater_equal(tasks, self.reach[0]), pc.less(tasks, lo)))
+            cpu = cpu.filter(mine)
             table = table.filter(pc.or_(mine, ends))
-        ids_col, labels_col = table["input_ids"].combine_chunks(), table["labels"].combine_chunks()
+        stage_cpu = pc.list_flatten(cpu).to_numpy()
+        self.stage_cpu += stage_cpu.reshape(-1, len(PHASES)).sum(0, dtype=np.int64)
+        ids_col, trained_col = (table[n].combine_chunks() for n in ("input_ids", "trained"))
         ids_values = ids_col.values.to_numpy()
-        labels_values = labels_col.values.to_numpy()
+        labels_values = labels(ids_col, trained_col)
         offsets = ids_col.offsets.to_numpy()
         trained = np.concatenate([[0], np.cumsum(labels_values != idxmap.IGNORE_INDEX)])
         trained = trained[offsets[1:]] - trained[offsets[:-1]]
-        cols = {n: table[n].to_pylist() for n in ("task", "file", "line", "element", "sample",
-                                                  "status", "reason", "detail", "text", "tokens",
-                                                  "lost", "reasoning")}
+        cols = {n: table[n].to_pylist() for n in ROW_COLUMNS}
         for i in range(table.num_rows):
             key = (cols["task"][i], cols["line"][i], cols["element"][i], cols["sample"][i])
             status = cols["status"][i]
@@ -192,7 +208,9 @@ class SFTWriter:
             self.origins.enter(key[0])
             self._last_key = key
             if key[:3] != self._group_key:
+                clock = self._spent("rows_in", clock)
                 self._close_group()
+                clock = self._spent("pack", clock)
                 self._group_key = key[:3]
                 self._use_source(self.task_source[key[0]])
                 self.c["records"] += 1
@@ -211,6 +229,7 @@ class SFTWriter:
                     self._cut({n: cols[n][i] for n in cols}, int(b - a))
             else:
                 self._problem(status, {n: cols[n][i] for n in cols})
+        self._spent("rows_in", clock)
         self._write_pending()
         self.write_seconds += time.perf_counter() - t0
         reply = self.progress()
@@ -218,6 +237,12 @@ class SFTWriter:
         if upload:  # the driver aborts it if this writer is lost
             reply["upload"] = upload
         return reply
+
+    def _spent(self, phase: str, since: int) -> int:
+        """Count the thread's CPU since ``since`` to ``phase``; the clock now."""
+        now = time.thread_time_ns()
+        self.cpu[phase] += now - since
+        return now
 
     def _problem(self, status: str, row: dict) -> None:
         where = self.origins.locate(row["file"], row["line"], row["element"])
@@ -260,6 +285,7 @@ class SFTWriter:
         docs, self._pending_docs = self._pending_docs, []
         if not docs:
             return
+        clock = time.thread_time_ns()
         S = self.S
         if len(self._rows) < len(docs):
             self._rows = np.empty((len(docs), 2 * S), dtype=np.int32)
@@ -277,13 +303,16 @@ class SFTWriter:
                 self.counts[source]["trained"] += trained
             self.written_tokens += at
             self.max_samples_per_doc = max(self.max_samples_per_doc, len(doc))
+        clock = self._spent("rows_out", clock)
         idxmap.check_rows(self.index.documents, rows, S, self.pad_id, self.vocab_size,
                           self.checked)
         trainer.check_rows(self.index.documents, rows, S, self.trainer)
         if self.trainer_safe and trainer.verdict(self.trainer)["packed"]:
             raise RuntimeError("template.trainer_safe: a document the packed trainer cannot read "
                                f"would be written: {trainer.verdict(self.trainer)['packed']}")
+        clock = self._spent("check", clock)
         self.index.add_documents(rows)
+        self._spent("write", clock)
 
     def progress(self) -> dict:
         return {"records": sum(c["records"] for c in self.counts),
@@ -317,13 +346,15 @@ class SFTWriter:
     def seal(self, elapsed: float | None = None) -> dict:
         """Flush, write the index, check it against the .bin's size; return the summary.
         Nothing is published yet (``publish``)."""
-        t0 = time.perf_counter()
+        t0, clock = time.perf_counter(), time.thread_time_ns()
         self.origins.finish()
         self._close_group()
         self._pending_docs.extend(self.packer.flush())
         if self._bfd is not None:
             self.bfd_documents += _count(self._bfd.flush())
+        self._spent("pack", clock)
         self._write_pending()
+        clock = time.thread_time_ns()
         bin_bytes = self.files.seal_bin()
         with open(self.files.tmp + ".idx", "wb") as f:
             self.index.write_index(f)
@@ -332,6 +363,7 @@ class SFTWriter:
             self.counts[source]["records_read"] += count
         self.write_seconds += time.perf_counter() - t0
         idxmap.check_index(idxmap.read_index(self.files.tmp + ".idx"), bin_bytes, self.S)
+        self._spent("seal", clock)
         summary = self.summary()
         if elapsed:
             summary["elapsed_seconds"] = elapsed
@@ -360,6 +392,8 @@ class SFTWriter:
             "seq_length": self.S,
             "samples_per_document_max": self.max_samples_per_doc,
             "writer_seconds": round(self.write_seconds, 3),
+            "cpu_seconds": {"tokenize": dict(zip(PHASES, _seconds(self.stage_cpu))),
+                            "writer": dict(zip(WRITER_PHASES, _seconds(self.cpu.values())))},
             **({"bfd_documents": self.bfd_documents} if self._bfd is not None else {}),
             "sources": [{"source": name, **f} for name, f in zip(self.sources, per_source)],
         })
@@ -379,6 +413,10 @@ class SFTWriter:
         driver's node, so when the local runtime is lost under both, the driver stops it and
         deletes them itself."""
         return os.getpid(), self.files.temporary_paths()
+
+
+def _seconds(nanoseconds) -> list[float]:
+    return [round(int(x) / 1e9, 3) for x in nanoseconds]
 
 
 def _count(documents) -> int:

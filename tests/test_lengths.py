@@ -126,7 +126,7 @@ def test_stage_lengths_and_the_drop_rule_at_other_lengths(qwen_dir):
     measured = {}
     setup = prepare(load_tokenizer(qwen_dir))
     for S, overlong in itertools.product((64, 256, 512), ("truncate", "drop")):
-        spec = TokenizeSpec(tokenizer=qwen_dir, seq_length=S, overlong=overlong)
+        spec = TokenizeSpec.of(tokenizer=qwen_dir, seq_length=S, overlong=overlong)
         table = lengths.TokenLengths(spec, setup)(batch)
         assert table.schema == lengths.SCHEMA
         collector = lengths.Collector(["x.jsonl"], "skip", None)

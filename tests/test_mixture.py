@@ -208,9 +208,9 @@ def test_the_writer_counts_every_figure_per_source(tmp_path):
                   "bfd", 8, "skip", plan=plan, sources=["a", "b"])
 
     def ok(task, file, line):
-        ids, labels = sample(6 + line, line)
+        ids, trained = sample(6 + line, line)
         cut = line == 2  # rendered 40 tokens, written len(ids): lost to the cut at S
-        return {"task": task, "file": file, "line": line, "input_ids": ids, "labels": labels,
+        return {"task": task, "file": file, "line": line, "input_ids": ids, "trained": trained,
                 "tokens": 40 if cut else len(ids), "lost": [40 - len(ids), 0, 0] if cut else []}
 
     def end(task, file, lines):

@@ -83,7 +83,7 @@ def test_overlong_drop_on_the_alpaca_demo(ray_session, qwen, qwen_dir, tmp_path)
 
 
 def test_overlong_limit_is_s_without_trainer_safe(qwen_dir):
-    stage = Tokenize(TokenizeSpec(qwen_dir, 64, trainer_safe=False, overlong="drop"))
+    stage = Tokenize(TokenizeSpec.of(qwen_dir, 64, trainer_safe=False, overlong="drop"))
     base = {"instruction": "Say", "input": "", "output": ""}
     n0 = stage(batch([base])).to_pylist()[0]["tokens"]
     fit, over = dict(base, output=" a" * (64 - n0)), dict(base, output=" a" * (65 - n0))
@@ -182,7 +182,7 @@ def qwen3(request, qwen_dir, tmp_path_factory):
 def run(qwen3, tmp_path, chats, **spec) -> tuple[dict, str]:
     """The stage and the writer on ``chats`` (no Ray): the manifest and the output prefix."""
     directory, template, tok, setup = qwen3
-    stage = Tokenize(TokenizeSpec(directory, 1024, chat_template=template, **spec), setup)
+    stage = Tokenize(TokenizeSpec.of(directory, 1024, chat_template=template, **spec), setup)
     assert stage.render.traced is not None  # traced rendering, guarded against Jinja
     rows = stage(record_batch([json.dumps(c).encode() for c in chats], end=True))
     prefix = str(tmp_path / f"{spec.get('reasoning_turns', 'keep')}_text_document")

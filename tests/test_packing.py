@@ -106,7 +106,7 @@ def demo_lengths(paths: list[str], S: int) -> list[list[int]]:
         with open(p, encoding="utf-8") as f:
             raw += ([json.dumps(x, ensure_ascii=False).encode() for x in json.load(f)]
                     if p.endswith(".json") else [line.encode() for line in f if line.strip()])
-    rows = Tokenize(TokenizeSpec(qwen_tokenizer_dir(), S, pad_token="<|extra_0|>"))(
+    rows = Tokenize(TokenizeSpec.of(qwen_tokenizer_dir(), S, pad_token="<|extra_0|>"))(
         record_batch(raw))
     groups: dict[int, list[int]] = {}
     for line, ids in zip(rows["line"].to_pylist(), rows["input_ids"].to_pylist()):

@@ -13,7 +13,8 @@ from contract import build_bytes
 from sftprep import pipeline
 from sftprep.config import BuildConfig, ConfigError, load
 from sftprep.idxmap import IndexedReader
-from sftprep.writer import BadRecordError
+from sftprep.tokenize import PHASES
+from sftprep.writer import WRITER_PHASES, BadRecordError
 
 S = 256
 REFERENCE_CONF = os.path.join(os.path.dirname(__file__), "..", "conf", "qwen2-reference.yaml")
@@ -57,6 +58,14 @@ def test_reference_settings_give_the_reference_bytes(ray_session, qwen, qwen_dir
     assert s["dropped_samples"] == 2 and s["dropped_by_reason"] == {"prompt too long": 2}
     assert s["truncated_samples"] > 0 and s["rejected_records"] == 0
     assert manifest["tokenizer"]["pad_id"] == 151669  # <|extra_0|> added after the vocabulary
+    timing = manifest["timing"]  # the budget: the driver's steps, the stages' CPU per phase
+    assert list(timing["wall_seconds"]) == ["inputs", "ray_start", "tokenizer", "plan",
+                                            "writers", "first_block", "stream"]
+    assert sum(timing["wall_seconds"].values()) <= manifest["elapsed_seconds"] + 0.01
+    assert list(timing["cpu_seconds"]) == ["tokenize", "writer"]
+    cpu = timing["cpu_seconds"]
+    assert list(cpu["tokenize"]) == list(PHASES) and cpu["tokenize"]["encode"] > 0
+    assert list(cpu["writer"]) == list(WRITER_PHASES) and min(cpu["writer"].values()) >= 0
 
 
 def test_output_is_identical_for_any_worker_count_and_block_size(ray_session, qwen_dir, tmp_path):

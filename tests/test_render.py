@@ -262,7 +262,7 @@ def marked_table(lines: list[int], marked: set[int]):
 
 
 def test_guard_stops_at_a_planted_rendering_divergence_with_file_line_and_both_results(qwen_dir):
-    stage = Tokenize(TokenizeSpec(qwen_dir, 128, files=("data/train.jsonl",)))
+    stage = Tokenize(TokenizeSpec.of(qwen_dir, 128, files=("data/train.jsonl",)))
     traced = stage.render.traced
     stage.render.traced = lambda m, t: traced(m, t).replace("PLANTED", "PLANTEX")
     with pytest.raises(EncodingMismatch, match=r"data/train\.jsonl:7 \(sample 0\): the traced "
@@ -275,7 +275,7 @@ def test_hf_backend_never_traces(qwen_dir, monkeypatch):
     def refuse(*_):
         raise AssertionError("traced rendering with --tokenizer-backend hf")
     monkeypatch.setattr(TracedTemplate, "__call__", refuse)
-    stage = Tokenize(TokenizeSpec(qwen_dir, 128, backend="hf"))
+    stage = Tokenize(TokenizeSpec.of(qwen_dir, 128, backend="hf"))
     assert stage.setup.renderer == "jinja" and stage.render.traced is None
     assert stage(marked_table([1, 2, 3], set()))["status"].to_pylist() == ["ok"] * 3
     assert stage.setup.describe()["renderer"] == "jinja"
@@ -283,7 +283,7 @@ def test_hf_backend_never_traces(qwen_dir, monkeypatch):
 
 def test_stage_output_is_identical_with_traced_and_jinja_rendering(qwen_dir):
     from test_encode import data_files, stage_tables
-    spec = TokenizeSpec(qwen_dir, 512, pad_token="<|extra_0|>")
+    spec = TokenizeSpec.of(qwen_dir, 512, pad_token="<|extra_0|>")
     traced = Tokenize(spec)
     jinja = Tokenize(spec, traced.setup)
     jinja.render.traced = None

@@ -144,9 +144,9 @@ def test_a_shard_starting_inside_a_split_file_names_true_lines(tmp_path):
     rows = []
     for task, lines in ((0, 3), (1, 2)):
         for line in range(1, lines + 1):
-            ids, labels = sample(8, line)
+            ids, trained = sample(8, line)
             rows.append({"task": task, "file": 0, "line": line, "input_ids": ids,
-                         "labels": labels})
+                         "trained": trained})
         rows.append(end(task, lines))
     rows[5] = {"task": 1, "file": 0, "line": 2, "status": "rejected", "reason": "bad json",
                "detail": "x", "text": "{"}

@@ -34,8 +34,8 @@ def blocks():
         rows = []
         for _ in range(ROWS):
             line += 1
-            ids, labels = sample(20 + line % 200, line)
-            rows.append({"file": 0, "line": line, "input_ids": ids, "labels": labels})
+            ids, trained = sample(20 + line % 200, line)
+            rows.append({"file": 0, "line": line, "input_ids": ids, "trained": trained})
         if b == BLOCKS - 1:
             rows.append(end(lines=line))  # the read task's end row
         out.append(table(rows))

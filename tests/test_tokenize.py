@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -10,14 +11,22 @@ import pytest
 
 from contract import encode_group
 from fixtures import alpaca_samples, record_batch
-from sftprep.tokenize import Tokenize, TokenizeSpec
+from sftprep.tokenize import PHASES, Tokenize, TokenizeSpec, labels
 
 S = 128
 
 
 @pytest.fixture(scope="module")
 def stage(qwen_dir):
-    return Tokenize(TokenizeSpec(qwen_dir, S, pad_token="<|extra_0|>", trainer_safe=False))
+    return Tokenize(TokenizeSpec.of(qwen_dir, S, pad_token="<|extra_0|>", trainer_safe=False))
+
+
+def with_labels(table: pa.Table) -> list[dict]:
+    """The stage's rows, each with the labels the writer makes of them (``tokenize.labels``)."""
+    ids = table["input_ids"].combine_chunks()
+    flat, at = labels(ids, table["trained"].combine_chunks()), ids.offsets.to_numpy()
+    return [dict(r, labels=flat[a:b].tolist())
+            for r, a, b in zip(table.to_pylist(), at[:-1], at[1:])]
 
 
 def batch(values: list) -> pa.Table:
@@ -28,7 +37,7 @@ def batch(values: list) -> pa.Table:
 
 def test_alpaca_rows_match_the_contract(stage, qwen):
     samples = alpaca_samples(20, seed=5)
-    rows = stage(batch(samples)).to_pylist()
+    rows = with_labels(stage(batch(samples)))
     for sample, row in zip(samples, rows):
         [doc] = encode_group(qwen, [sample], S, qwen.pad_token_id)
         n = len(row["input_ids"])
@@ -64,7 +73,7 @@ def test_multi_turn_labels_cover_exactly_the_assistant_turns(stage, qwen):
                          {"role": "assistant", "content": "Blue."},
                          {"role": "user", "content": "另一个？"},
                          {"role": "assistant", "content": "红色。"}]}
-    [row] = stage(batch([chat])).to_pylist()
+    [row] = with_labels(stage(batch([chat])))
     ids = np.array(row["input_ids"])
     ids[-1] = -1 - ids[-1]
     labels = np.array(row["labels"])
@@ -76,3 +85,21 @@ def test_multi_turn_labels_cover_exactly_the_assistant_turns(stage, qwen):
     assert texts == ["<|im_start|>assistant\nBlue.<|im_end|>\n",
                      "<|im_start|>assistant\n<think>\n\n</think>\n\n红色。<|im_end|>\n"]
     assert row["input_ids"][-1] < 0 and sum(v < 0 for v in row["input_ids"]) == 1
+
+
+def test_the_stage_accounts_for_its_cpu_per_phase_on_each_blocks_first_row(stage):
+    """The phases (``cpu_ns`` on a block's first row) add up to the stage's own CPU time, so the
+    build's budget (the manifest's ``timing``) leaves out nothing the stage did."""
+    batches = [batch(alpaca_samples(64, seed=s) + [b"{broken"]) for s in range(6)]
+    counted = np.zeros(len(PHASES), np.int64)
+    measured = 0
+    for b in batches:
+        c0 = time.thread_time_ns()
+        out = stage(b)
+        measured += time.thread_time_ns() - c0
+        cpu = out["cpu_ns"].to_pylist()
+        assert all(x is None for x in cpu[1:]) and len(cpu[0]) == len(PHASES)
+        counted += cpu[0]
+    phases = dict(zip(PHASES, counted.tolist()))
+    assert min(phases.values()) >= 0 and phases["encode"] > 0 and phases["render"] > 0
+    assert 0.9 * measured <= counted.sum() <= measured

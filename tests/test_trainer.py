@@ -202,8 +202,8 @@ def test_verify_catches_planted_rows_the_trainer_cannot_read(good_output, tmp_pa
 
 
 def test_trainer_rules_in_the_stage(qwen_dir):
-    safe = Tokenize(TokenizeSpec(qwen_dir, S, pad_token="<|extra_0|>"))
-    ref = Tokenize(TokenizeSpec(qwen_dir, S, pad_token="<|extra_0|>", trainer_safe=False))
+    safe = Tokenize(TokenizeSpec.of(qwen_dir, S, pad_token="<|extra_0|>"))
+    ref = Tokenize(TokenizeSpec.of(qwen_dir, S, pad_token="<|extra_0|>", trainer_safe=False))
     base = {"instruction": "Say", "input": "", "output": ""}
     n0 = len(ref(batch([base])).to_pylist()[0]["input_ids"])
     exact = dict(base, output=" a" * (S - n0))  # exactly S tokens: whole for the reference
@@ -274,8 +274,8 @@ def test_a_trainer_safe_writer_refuses_a_row_packed_training_cannot_read(tmp_pat
     """The writer checks the packed trainer's rules on every document too (trainer_safe)."""
     from test_writer import end, sample, table
     from sftprep.writer import SFTWriter
-    ids, labels = sample(32, 1)  # fills all 32 inputs alone
-    rows = table([{"file": 0, "line": 1, "input_ids": ids, "labels": labels}, end(0, 1)])
+    ids, trained = sample(32, 1)  # fills all 32 inputs alone
+    rows = table([{"file": 0, "line": 1, "input_ids": ids, "trained": trained}, end(0, 1)])
     for safe in (False, True):
         w = SFTWriter(str(tmp_path / f"{safe}_text_document"), ["x.jsonl"], 32, 1000,
                       trainer_safe=safe)

@@ -21,12 +21,10 @@ S, PAD = 32, 1000
 
 
 def sample(length: int, seed: int) -> tuple[list[int], list[int]]:
-    """Input ids and labels as the tokenizer stage makes them (second half trained)."""
+    """Input ids and trained ranges as the tokenizer stage makes them (second half trained)."""
     ids = np.random.default_rng(seed).integers(1, 900, length)
-    labels = np.full(length, -100)
-    labels[length // 2:-1] = ids[length // 2 + 1:]
     ids[-1] = -1 - ids[-1]
-    return ids.tolist(), labels.tolist()
+    return ids.tolist(), [length // 2 + 1, length] if length // 2 + 1 < length else []
 
 
 def table(rows: list[dict]) -> pa.Table:
@@ -34,7 +32,7 @@ def table(rows: list[dict]) -> pa.Table:
     for r in rows:
         row = {"task": 0, "element": -1, "sample": 0, "status": "ok", "reason": None,
                "detail": None, "text": None,
-               "prompt_tokens": 0, "input_ids": [], "labels": [], **r}
+               "prompt_tokens": 0, "input_ids": [], "trained": [], **r}
         row.setdefault("tokens", len(row["input_ids"]))
         full.append(row)
     return pa.Table.from_pylist(full, schema=SCHEMA)
@@ -68,9 +66,9 @@ def test_every_sample_lands_once_and_the_file_verifies(tmp_path_factory, groups,
     rows, samples = [], []
     for line, g in enumerate(groups, start=1):
         for k, length in enumerate(g):
-            ids, labels = sample(length, len(samples))
+            ids, trained = sample(length, len(samples))
             samples.append(ids)
-            rows.append({"file": 0, "line": line, "sample": k, "input_ids": ids, "labels": labels})
+            rows.append({"file": 0, "line": line, "sample": k, "input_ids": ids, "trained": trained})
     w = writer(tmp, packing=mode, pack_window=5)
     start = 0
     for cut in cuts + [len(rows)]:  # arbitrary block boundaries, even inside a group
@@ -93,17 +91,17 @@ def test_every_sample_lands_once_and_the_file_verifies(tmp_path_factory, groups,
 def test_a_group_split_across_blocks_stays_one_group(tmp_path):
     w = writer(tmp_path, packing="none")
     a, b = sample(5, 1), sample(6, 2)
-    w.consume(table([{"file": 0, "line": 1, "sample": 0, "input_ids": a[0], "labels": a[1]}]))
-    w.consume(table([{"file": 0, "line": 1, "sample": 1, "input_ids": b[0], "labels": b[1]}]))
+    w.consume(table([{"file": 0, "line": 1, "sample": 0, "input_ids": a[0], "trained": a[1]}]))
+    w.consume(table([{"file": 0, "line": 1, "sample": 1, "input_ids": b[0], "trained": b[1]}]))
     assert finish(w)["summary"]["documents"] == 1
 
 
 def test_out_of_order_blocks_are_refused(tmp_path):
     w = writer(tmp_path)
     a = sample(5, 1)
-    w.consume(table([{"file": 0, "line": 2, "input_ids": a[0], "labels": a[1]}]))
+    w.consume(table([{"file": 0, "line": 2, "input_ids": a[0], "trained": a[1]}]))
     with pytest.raises(RuntimeError, match="out of order"):
-        w.consume(table([{"file": 0, "line": 1, "input_ids": a[0], "labels": a[1]}]))
+        w.consume(table([{"file": 0, "line": 1, "input_ids": a[0], "trained": a[1]}]))
     w.abort()
     assert os.listdir(tmp_path) == []
 
@@ -111,10 +109,10 @@ def test_out_of_order_blocks_are_refused(tmp_path):
 def test_a_document_that_breaks_the_contract_is_never_written(tmp_path):
     """The writer checks every document before writing it (not by reading the .bin back)."""
     w = writer(tmp_path)
-    ids, labels = sample(6, 1)
-    labels[3] = ids[4] + 1  # not the next input id
-    w.consume(table([{"file": 0, "line": 1, "input_ids": ids, "labels": labels}]))
-    with pytest.raises(LayoutError, match="document 0, position 3: label is not the next input"):
+    ids, trained = sample(6, 1)
+    ids[-1] = -1 - ids[-1]  # no sample boundary
+    w.consume(table([{"file": 0, "line": 1, "input_ids": ids, "trained": trained}]))
+    with pytest.raises(LayoutError, match="document 0, position 0: no sample boundary"):
         finish(w)
     assert os.path.getsize(w.files.tmp + ".bin") == 0
     w.abort()
@@ -138,7 +136,7 @@ def test_lines_of_a_split_file_are_counted_across_its_read_tasks(tmp_path):
                   on_error="skip", plan=tasks(0, 0, 1, 1))
     bad = {"sample": -1, "status": "rejected", "reason": "invalid JSON", "detail": "x", "text": "{"}
     a = sample(5, 1)
-    w.consume(table([{"file": 0, "line": 2, "input_ids": a[0], "labels": a[1]}, end(0, 5),
+    w.consume(table([{"file": 0, "line": 2, "input_ids": a[0], "trained": a[1]}, end(0, 5),
                      {**bad, "task": 1, "file": 0, "line": 3}]))
     w.consume(table([end(1, 4), end(2, 7, file=1),
                      {**bad, "task": 3, "file": 1, "line": 1, "element": 2}, end(3, 1, file=1)]))
@@ -161,9 +159,9 @@ def test_lines_of_a_split_file_are_counted_across_its_read_tasks(tmp_path):
 def test_a_read_task_missing_or_out_of_place_is_refused(tmp_path, rows, error):
     w = SFTWriter(str(tmp_path / "o_text_document"), ["data.jsonl"], S, PAD,
                   plan=tasks(0, 0))
-    ids, labels = sample(5, 1)
+    ids, trained = sample(5, 1)
     with pytest.raises(RuntimeError, match=error):
-        w.consume(table([{"file": 0, "input_ids": ids, "labels": labels, **r} for r in rows]))
+        w.consume(table([{"file": 0, "input_ids": ids, "trained": trained, **r} for r in rows]))
         w.finish({})
     w.abort()
 
@@ -174,7 +172,7 @@ def test_publish_replaces_the_index_first_and_leaves_no_temporaries(tmp_path):
         (tmp_path / f"o_text_document{suffix}").write_text("stale")
     w = writer(tmp_path)
     a = sample(5, 1)
-    w.consume(table([{"file": 0, "line": 1, "input_ids": a[0], "labels": a[1]}]))
+    w.consume(table([{"file": 0, "line": 1, "input_ids": a[0], "trained": a[1]}]))
     finish(w)
     assert sorted(os.listdir(tmp_path)) == ["o_text_document.bin", "o_text_document.idx",
                                             "o_text_document.manifest.json"]
@@ -189,9 +187,9 @@ def test_without_packing_the_summary_says_what_bfd_would_write(tmp_path):
     rows = []
     for line in range(1, 120):
         for k in range(1 if line % 4 else 3):  # every fourth line a pre-packed list of three
-            ids, labels = sample(int(rng.integers(2, S // 3)), line * 10 + k)
+            ids, trained = sample(int(rng.integers(2, S // 3)), line * 10 + k)
             rows.append({"file": 0, "line": line, "sample": k, "input_ids": ids,
-                         "labels": labels})
+                         "trained": trained})
     summaries = {}
     for mode in ("none", "bfd"):
         w = SFTWriter(str(tmp_path / f"{mode}_text_document"), ["data.jsonl"], S, PAD,
