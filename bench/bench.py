@@ -380,6 +380,7 @@ def run_build(path: str, tokenizer: str, seq_length: int, packing: str, out_dir:
     return {**mon.figures(), "samples": s["samples_written"], "tokens": s["tokens"],
             "from_start_seconds": round(from_start, 3),
             "tokenizer_backend": manifest["tokenizer"].get("backend"),
+            "timing": manifest["timing"],
             "summary": {k: s[k] for k in ("records", "samples_written", "dropped_samples",
                                           "rejected_records", "documents", "tokens",
                                           "packing_efficiency", "elapsed_seconds",

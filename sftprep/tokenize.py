@@ -89,10 +89,11 @@ SCHEMA = pa.schema([
     ("trained", pa.list_(pa.int32())),    # trained token ranges [a0, b0, a1, b1, ...], 1 <= a
     ("cpu_ns", pa.list_(pa.int64())),     # the block's first row: the stage's CPU per PHASES
 ])
-# The stage's CPU, per phase: records parsed (``records``), conversations rendered through the
-# chat template, texts encoded, the guards' second encoding and rendering, and the rest (cuts,
-# trained ranges, the output table).
-PHASES = ("parse", "render", "encode", "guard", "rows")
+# The stage's CPU, per phase: the actor's setup (the tokenizer and template made ready, counted
+# with its first batch), records parsed (``records``), conversations rendered through the chat
+# template, texts encoded, the guards' second encoding and rendering, and the rest (cuts, trained
+# ranges, the output table).
+PHASES = ("setup", "parse", "render", "encode", "guard", "rows")
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,7 @@ class Tokenize:
         # One encoding thread per actor: the actors share the node's cores. Set here rather
         # than in a runtime_env, which would keep the actor out of Ray's prestarted workers.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
+        started = time.thread_time_ns()
         self.spec, t = spec, spec.template
         if isinstance(setup, list):
             import ray
@@ -145,10 +147,11 @@ class Tokenize:
                                    reasoning_turns=t.reasoning_turns)
         self.columns = dict(spec.columns)
         self.batches = 0
-        self.cpu: dict[str, int] = {}  # the current batch's CPU nanoseconds per phase
+        self.setup_ns = time.thread_time_ns() - started  # counted with the first batch
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        self.cpu = dict.fromkeys(PHASES, 0)
+        self.cpu = dict.fromkeys(PHASES, 0)  # this batch's CPU nanoseconds per phase
+        self.cpu["setup"], self.setup_ns = self.setup_ns, 0
         clock = time.thread_time_ns()
         out = _Rows()
         todo = []  # in input order: (batch row, sample index, raw text, Rendered, RecordError
