@@ -30,7 +30,8 @@ Sources (``parse_source``, ``mixture_plan``): every input is a source, optionall
 sources is read once for each. A selection is made in the read task, before anything is parsed:
 record ``r`` (its position in the source: files sorted, records in file order) of a pass is kept
 iff ``permute(r) < keep``, ``permute`` a bijection of ``[0, M)`` keyed by the seed and the source's
-path, so the choice depends on nothing but (seed, path, position) and the count is exact. ``M``
+name (``source_name``), so the choice depends on nothing but (seed, name, position) and the count
+is exact. ``M``
 and each read task's first position come from a counting pass (Parquet: the footer; other files:
 one extra read, counting records exactly as the reader yields them). Copy ``c`` of a source is its
 own pass, placed in round ``c`` after every source's earlier passes, so copies of a record lie a
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import posixpath
 import re
 from dataclasses import dataclass, replace
 from typing import BinaryIO, Iterator
@@ -535,10 +537,17 @@ def _mix(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def source_key(seed: int, path: str) -> tuple[int, ...]:
-    """The permutation's round keys for a source: a function of the seed and the source's path
+def source_name(path: str) -> str:
+    """What keys a source's selection: the last component of its path as written (a file name,
+    a directory's name, a glob), so the same data in another directory, on a mount or in a
+    bucket selects the same records."""
+    return posixpath.basename(path.rstrip("/"))
+
+
+def source_key(seed: int, name: str) -> tuple[int, ...]:
+    """The permutation's round keys for a source: a function of the seed and the source's name
     only (so reordering sources, or changing N, keeps each record's rank)."""
-    digest = hashlib.blake2b(f"{seed}\0{path}".encode(), digest_size=8 * _ROUNDS).digest()
+    digest = hashlib.blake2b(f"{seed}\0{name}".encode(), digest_size=8 * _ROUNDS).digest()
     return tuple(int.from_bytes(digest[8 * i:8 * i + 8], "little") for i in range(_ROUNDS))
 
 
@@ -637,7 +646,7 @@ def mixture_plan(plan: list[ReadRange], sources: list[Source], counts: dict[int,
             firsts[i] = before.get(r.source, 0)
             before[r.source] = firsts[i] + counts[i]
     keeps = [passes(s, totals.get(k)) for k, s in enumerate(sources)]
-    keys = [source_key(seed, s.path) for s in sources]
+    keys = [source_key(seed, source_name(s.path)) for s in sources]
     out = []
     for copy in range(max((len(k) for k in keeps), default=0)):
         for i, r in enumerate(plan):
