@@ -5,7 +5,9 @@ builds and a stats run on the shared Ray runtime."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 from collections import Counter
 
 import numpy as np
@@ -99,7 +101,7 @@ def test_counts_are_exact_for_samples_fraction_repeat_and_hash_n(data):
     assert {r for r, n in per_record(rows, 1).items() if n == 3} <= set(per_record(rows, 0))
 
 
-def test_the_choice_depends_on_seed_path_and_position_only(data):
+def test_the_choice_depends_on_seed_name_and_position_only(data):
     inputs = [data["a"] + "#9", {"path": data["c"], "samples": 41}, data["b"]]
     whole = selected(inputs)
     # split reads: byte ranges of the JSONL files, single row groups of the Parquet file
@@ -112,6 +114,19 @@ def test_the_choice_depends_on_seed_path_and_position_only(data):
     other = selected(inputs, seed=7)
     assert per_record(other, 0) != per_record(whole, 0)
     assert sum(per_record(other, 0).values()) == 9
+
+
+def test_the_same_data_elsewhere_selects_the_same_records(data, tmp_path):
+    """The key is the source's name, not where it sits: a copy in another directory (a mount,
+    the demo in another install) takes the same records; a file of another name does not."""
+    elsewhere = tmp_path / "mnt" / "data" / os.path.basename(data["a"])
+    elsewhere.parent.mkdir(parents=True)
+    shutil.copy(data["a"], elsewhere)
+    renamed = tmp_path / "renamed.jsonl"
+    shutil.copy(data["a"], renamed)
+    here = per_record(selected([data["a"] + "#9"]), 0)
+    assert per_record(selected([f"{elsewhere}#9"]), 0) == here
+    assert per_record(selected([f"{renamed}#9"]), 0) != here
 
 
 def test_copies_come_in_rounds(data):
