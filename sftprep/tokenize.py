@@ -58,6 +58,7 @@ from sftprep.idxmap import IGNORE_INDEX
 from sftprep.records import RecordError, parse_group
 from sftprep.sources import ORIGIN
 from sftprep.sources import SCHEMA as RECORD_SCHEMA
+from sftprep.budget import Phases
 from sftprep.config import TemplateConfig
 from sftprep.template import ChatRenderer, TemplateError, load_tokenizer
 
@@ -133,7 +134,7 @@ class Tokenize:
         # One encoding thread per actor: the actors share the node's cores. Set here rather
         # than in a runtime_env, which would keep the actor out of Ray's prestarted workers.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        started = time.thread_time_ns()
+        ready = Phases(("setup",))
         self.spec, t = spec, spec.template
         if isinstance(setup, list):
             import ray
@@ -147,12 +148,12 @@ class Tokenize:
                                    reasoning_turns=t.reasoning_turns)
         self.columns = dict(spec.columns)
         self.batches = 0
-        self.setup_ns = time.thread_time_ns() - started  # counted with the first batch
+        ready.lap("setup")
+        self.setup_ns = ready.ns["setup"]  # counted with the first batch
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        self.cpu = dict.fromkeys(PHASES, 0)  # this batch's CPU nanoseconds per phase
-        self.cpu["setup"], self.setup_ns = self.setup_ns, 0
-        clock = time.thread_time_ns()
+        cpu = Phases(PHASES)  # this batch's
+        cpu.ns["setup"], self.setup_ns = self.setup_ns, 0
         out = _Rows()
         todo = []  # in input order: (batch row, sample index, raw text, Rendered, RecordError
         #            or None for a read task's end row)
@@ -169,17 +170,17 @@ class Tokenize:
                 todo.append((i, -1, raw, rendered))
             else:
                 todo += [(i, k, raw, r) for k, r in enumerate(rendered)]
-        self.cpu["parse"], self.cpu["render"] = parsing, -parsing  # render: the loop less this
+        cpu.ns["parse"], cpu.ns["render"] = parsing, -parsing  # render: the loop less parsing
         samples = [t for t in todo if t[-1] is not None and not isinstance(t[-1], RecordError)]
-        clock = self._spent("render", clock)  # less the parsing, counted above
+        cpu.lap("render")
         encoded = self.encoder.encode([r.text for *_, r in samples],
                                       [r.trained for *_, r in samples])
-        clock = self._spent("encode", clock)
+        cpu.lap("encode")
         if self.render.traced:
             self._render_guard(batch, todo)
         if self.encoder is not self.hf:
             self._guard(batch, samples, encoded)
-        clock = self._spent("guard", clock)
+        cpu.lap("guard")
         self.batches += 1
         encodings = iter(encoded)
         for i, k, raw, r in todo:
@@ -190,14 +191,8 @@ class Tokenize:
             else:
                 self._sample(out, i, k, raw, r, *next(encodings))
         table = out.table(batch)
-        self._spent("rows", clock)
-        return _with_cpu(table, [self.cpu[p] for p in PHASES])
-
-    def _spent(self, phase: str, since: int) -> int:
-        """Count the thread's CPU since ``since`` to ``phase``; the clock now."""
-        now = time.thread_time_ns()
-        self.cpu[phase] += now - since
-        return now
+        cpu.lap("rows")
+        return _with_cpu(table, list(cpu.ns.values()))
 
     def _parse(self, raw: bytes) -> list | RecordError:
         """A record's conversations (``records.parse_group``), or why it cannot be used."""

@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from sftprep import idxmap, trainer
+from sftprep.budget import Phases, seconds
 from sftprep.errors import Error
 from sftprep.idxmap import MANIFEST
 from sftprep.outputs import REJECTS, OutputFiles
@@ -165,7 +166,7 @@ class SFTWriter:
         self.started = time.time()
         self.write_seconds = 0.0
         self.stage_cpu = np.zeros(len(PHASES), np.int64)  # the tokenizer stage's, from cpu_ns
-        self.cpu = dict.fromkeys(WRITER_PHASES, 0)        # this writer's thread, nanoseconds
+        self.cpu = Phases(WRITER_PHASES)                  # this writer's thread
 
     # -- consuming ---------------------------------------------------------------------------
 
@@ -175,7 +176,8 @@ class SFTWriter:
     def consume(self, table: pa.Table) -> dict:
         """Take one block of the tokenizer stage's output (``tokenize.SCHEMA`` rows, in input
         order)."""
-        t0, clock = time.perf_counter(), time.thread_time_ns()
+        t0 = time.perf_counter()
+        self.cpu.restart()
         if not table.schema.equals(SCHEMA):
             raise RuntimeError(f"the tokenizer stage sent {table.schema}, not its SCHEMA")
         cpu = table["cpu_ns"]
@@ -208,9 +210,9 @@ class SFTWriter:
             self.origins.enter(key[0])
             self._last_key = key
             if key[:3] != self._group_key:
-                clock = self._spent("rows_in", clock)
+                self.cpu.lap("rows_in")
                 self._close_group()
-                clock = self._spent("pack", clock)
+                self.cpu.lap("pack")
                 self._group_key = key[:3]
                 self._use_source(self.task_source[key[0]])
                 self.c["records"] += 1
@@ -229,7 +231,7 @@ class SFTWriter:
                     self._cut({n: cols[n][i] for n in cols}, int(b - a))
             else:
                 self._problem(status, {n: cols[n][i] for n in cols})
-        self._spent("rows_in", clock)
+        self.cpu.lap("rows_in")
         self._write_pending()
         self.write_seconds += time.perf_counter() - t0
         reply = self.progress()
@@ -237,12 +239,6 @@ class SFTWriter:
         if upload:  # the driver aborts it if this writer is lost
             reply["upload"] = upload
         return reply
-
-    def _spent(self, phase: str, since: int) -> int:
-        """Count the thread's CPU since ``since`` to ``phase``; the clock now."""
-        now = time.thread_time_ns()
-        self.cpu[phase] += now - since
-        return now
 
     def _problem(self, status: str, row: dict) -> None:
         where = self.origins.locate(row["file"], row["line"], row["element"])
@@ -285,7 +281,6 @@ class SFTWriter:
         docs, self._pending_docs = self._pending_docs, []
         if not docs:
             return
-        clock = time.thread_time_ns()
         S = self.S
         if len(self._rows) < len(docs):
             self._rows = np.empty((len(docs), 2 * S), dtype=np.int32)
@@ -303,16 +298,16 @@ class SFTWriter:
                 self.counts[source]["trained"] += trained
             self.written_tokens += at
             self.max_samples_per_doc = max(self.max_samples_per_doc, len(doc))
-        clock = self._spent("rows_out", clock)
+        self.cpu.lap("rows_out")
         idxmap.check_rows(self.index.documents, rows, S, self.pad_id, self.vocab_size,
                           self.checked)
         trainer.check_rows(self.index.documents, rows, S, self.trainer)
         if self.trainer_safe and trainer.verdict(self.trainer)["packed"]:
             raise RuntimeError("template.trainer_safe: a document the packed trainer cannot read "
                                f"would be written: {trainer.verdict(self.trainer)['packed']}")
-        clock = self._spent("check", clock)
+        self.cpu.lap("check")
         self.index.add_documents(rows)
-        self._spent("write", clock)
+        self.cpu.lap("write")
 
     def progress(self) -> dict:
         return {"records": sum(c["records"] for c in self.counts),
@@ -346,15 +341,15 @@ class SFTWriter:
     def seal(self, elapsed: float | None = None) -> dict:
         """Flush, write the index, check it against the .bin's size; return the summary.
         Nothing is published yet (``publish``)."""
-        t0, clock = time.perf_counter(), time.thread_time_ns()
+        t0 = time.perf_counter()
+        self.cpu.restart()
         self.origins.finish()
         self._close_group()
         self._pending_docs.extend(self.packer.flush())
         if self._bfd is not None:
             self.bfd_documents += _count(self._bfd.flush())
-        self._spent("pack", clock)
+        self.cpu.lap("pack")
         self._write_pending()
-        clock = time.thread_time_ns()
         bin_bytes = self.files.seal_bin()
         with open(self.files.tmp + ".idx", "wb") as f:
             self.index.write_index(f)
@@ -363,7 +358,7 @@ class SFTWriter:
             self.counts[source]["records_read"] += count
         self.write_seconds += time.perf_counter() - t0
         idxmap.check_index(idxmap.read_index(self.files.tmp + ".idx"), bin_bytes, self.S)
-        self._spent("seal", clock)
+        self.cpu.lap("seal")
         summary = self.summary()
         if elapsed:
             summary["elapsed_seconds"] = elapsed
@@ -392,8 +387,8 @@ class SFTWriter:
             "seq_length": self.S,
             "samples_per_document_max": self.max_samples_per_doc,
             "writer_seconds": round(self.write_seconds, 3),
-            "cpu_seconds": {"tokenize": dict(zip(PHASES, _seconds(self.stage_cpu))),
-                            "writer": dict(zip(WRITER_PHASES, _seconds(self.cpu.values())))},
+            "cpu_seconds": {"tokenize": seconds(PHASES, self.stage_cpu),
+                            "writer": seconds(WRITER_PHASES, self.cpu.ns.values())},
             **({"bfd_documents": self.bfd_documents} if self._bfd is not None else {}),
             "sources": [{"source": name, **f} for name, f in zip(self.sources, per_source)],
         })
@@ -413,10 +408,6 @@ class SFTWriter:
         driver's node, so when the local runtime is lost under both, the driver stops it and
         deletes them itself."""
         return os.getpid(), self.files.temporary_paths()
-
-
-def _seconds(nanoseconds) -> list[float]:
-    return [round(int(x) / 1e9, 3) for x in nanoseconds]
 
 
 def _count(documents) -> int:
