@@ -408,12 +408,20 @@ def tokenized_blocks(path: str, config, limit: int) -> list:
     return blocks
 
 
+def end_row():
+    """The read task's end row, which ``tokenized_blocks`` leaves out (the writer's check that
+    every read task arrived whole wants one)."""
+    import pyarrow as pa
+    from sftprep.tokenize import END, SCHEMA
+    return pa.Table.from_pylist([{"task": 0, "file": 0, "line": 0, "element": -1, "sample": -1,
+                                  "status": END}], schema=SCHEMA)
+
+
 def run_writer(path: str, tokenizer: str, seq_length: int, packing: str, out_dir: str,
                n: int, cache: int) -> dict:
     import pyarrow as pa
     import pyarrow.compute as pc
     from sftprep.template import load_tokenizer
-    from sftprep.tokenize import END, SCHEMA
     from sftprep.writer import SFTWriter
 
     config = build_config(path, tokenizer, seq_length, packing, os.path.join(out_dir, "out"))
@@ -440,8 +448,7 @@ def run_writer(path: str, tokenizer: str, seq_length: int, packing: str, out_dir
                 writer.consume(b)
                 busy += time.perf_counter() - t0
                 cpu += time.thread_time() - c0
-        writer.consume(pa.Table.from_pylist([{"task": 0, "file": 0, "line": 0, "element": -1,
-                                              "sample": -1, "status": END}], schema=SCHEMA))
+        writer.consume(end_row())
         c0, t0 = time.thread_time(), time.perf_counter()
         manifest = writer.finish({})
         busy += time.perf_counter() - t0

@@ -7,7 +7,7 @@ Each stage runs alone in this process on one core, on a corpus written from the 
 /work/shared/data (as bench.py does), and is expressed in bytes of JSONL input per second, so the
 stages compare directly:
 
-- read: ``sources.read_records`` over the file (one read task);
+- read: ``sources.read_range`` over the whole file (one read task);
 - tokenize: the ``Tokenize`` stage on those blocks (one actor = one core);
 - writer: ``SFTWriter.consume``/``finish`` on the tokenized blocks (one shard), packing none and
   bfd;
@@ -32,7 +32,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))  # the loopback S3 server
 
-from bench import DATA, build_config, source_records, tokenized_blocks, write_corpus  # noqa
+from bench import (DATA, build_config, end_row, source_records, tokenized_blocks,  # noqa
+                   write_corpus)
 
 TB = 1e12
 SHARDS = (1, 4, 16)
@@ -45,10 +46,10 @@ def timed(fn):
 
 
 def measure_read(path: str, block_records: int) -> dict:
-    from sftprep.sources import read_records
+    from sftprep.sources import ReadRange, read_range
 
     def run():
-        return sum(b.num_rows for b in read_records(path, {}, 0, block_records))
+        return sum(b.num_rows for b in read_range(ReadRange(0, path), 0, {}, block_records))
     rows, wall, cpu = timed(run)
     return {"records": rows, "seconds": wall, "cpu_seconds": cpu}
 
@@ -63,7 +64,7 @@ def measure_writer(path: str, config, blocks, packing: str, out_dir: str) -> dic
                        config.packing.window, "fail", {}, None, len(tok))
 
     def run():
-        for b in blocks:
+        for b in blocks + [end_row()]:
             writer.consume(b)
         return writer.finish({})["summary"]
     s, wall, cpu = timed(run)
