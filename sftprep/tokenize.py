@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -155,22 +154,20 @@ class Tokenize:
         cpu = Phases(PHASES)  # this batch's
         cpu.ns["setup"], self.setup_ns = self.setup_ns, 0
         out = _Rows()
+        raws = batch["text"].to_pylist()
+        parsed = [None if raw is None else self._parse(raw) for raw in raws]  # None: an end row
+        cpu.lap("parse")
         todo = []  # in input order: (batch row, sample index, raw text, Rendered, RecordError
         #            or None for a read task's end row)
-        parsing = 0
-        for i, raw in enumerate(batch["text"].to_pylist()):
+        for i, (raw, chats) in enumerate(zip(raws, parsed)):
             if raw is None:
                 todo.append((i, -1, raw, None))
                 continue
-            c0 = time.thread_time_ns()
-            chats = self._parse(raw)
-            parsing += time.thread_time_ns() - c0
-            rendered = self._render(chats) if not isinstance(chats, RecordError) else chats
+            rendered = chats if isinstance(chats, RecordError) else self._render(chats)
             if isinstance(rendered, RecordError):
                 todo.append((i, -1, raw, rendered))
             else:
                 todo += [(i, k, raw, r) for k, r in enumerate(rendered)]
-        cpu.ns["parse"], cpu.ns["render"] = parsing, -parsing  # render: the loop less parsing
         samples = [t for t in todo if t[-1] is not None and not isinstance(t[-1], RecordError)]
         cpu.lap("render")
         encoded = self.encoder.encode([r.text for *_, r in samples],

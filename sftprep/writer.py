@@ -154,6 +154,7 @@ class SFTWriter:
         self._last_key = (-1, -1, -1, -1)
         self._group_key: tuple[int, int, int] | None = None
         self._group: list[Piece] = []
+        self._closed: list[list[Piece]] = []  # whole groups not packed yet
         self._pending_docs: list[Document] = []
         # Every counter is kept per source: ``self.c`` and ``self.reasons`` are the current
         # row's source's (``_use_source``).
@@ -210,9 +211,7 @@ class SFTWriter:
             self.origins.enter(key[0])
             self._last_key = key
             if key[:3] != self._group_key:
-                self.cpu.lap("rows_in")
                 self._close_group()
-                self.cpu.lap("pack")
                 self._group_key = key[:3]
                 self._use_source(self.task_source[key[0]])
                 self.c["records"] += 1
@@ -232,6 +231,8 @@ class SFTWriter:
             else:
                 self._problem(status, {n: cols[n][i] for n in cols})
         self.cpu.lap("rows_in")
+        self._pack_closed()
+        self.cpu.lap("pack")
         self._write_pending()
         self.write_seconds += time.perf_counter() - t0
         reply = self.progress()
@@ -271,11 +272,17 @@ class SFTWriter:
 
     def _close_group(self) -> None:
         if self._group:
-            self._pending_docs.extend(self.packer.add(self._group))
-            if self._bfd is not None:
-                self.bfd_documents += _count(self._bfd.add([Piece(p.length)
-                                                            for p in self._group]))
+            self._closed.append(self._group)
         self._group = []
+
+    def _pack_closed(self) -> None:
+        """Pack the groups closed since the last call, in order (once per block: the packer
+        sees the same sequence as group by group)."""
+        for group in self._closed:
+            self._pending_docs.extend(self.packer.add(group))
+            if self._bfd is not None:
+                self.bfd_documents += _count(self._bfd.add([Piece(p.length) for p in group]))
+        self._closed = []
 
     def _write_pending(self) -> None:
         docs, self._pending_docs = self._pending_docs, []
@@ -345,6 +352,7 @@ class SFTWriter:
         self.cpu.restart()
         self.origins.finish()
         self._close_group()
+        self._pack_closed()
         self._pending_docs.extend(self.packer.flush())
         if self._bfd is not None:
             self.bfd_documents += _count(self._bfd.flush())
