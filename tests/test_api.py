@@ -100,14 +100,21 @@ def _state() -> dict:
             "stderr": os.fstat(2).st_ino}
 
 
-def test_two_builds_in_one_process_same_bytes_and_process_kept(ray_session, qwen_dir,
-                                                                 tmp_path):
+@pytest.fixture(scope="module")
+def two_builds(ray_session, qwen_dir, tmp_path_factory):
+    """Two builds of one input in this process: the state before, after, and both results."""
+    tmp_path = tmp_path_factory.mktemp("two")
     data = write_jsonl(tmp_path / "t.jsonl", alpaca_samples(40, seed=5))
     before = _state()
     results = [sftprep.build(input=[data], tokenizer=qwen_dir, seq_length=256, packing="bfd",
                              output_prefix=str(tmp_path / name), workers=1, progress=False)
                for name in ("a", "b")]
-    assert _state() == before
+    return tmp_path, before, _state(), results
+
+
+def test_two_builds_in_one_process_same_bytes_and_process_kept(two_builds):
+    tmp_path, before, after, results = two_builds
+    assert after == before
     a, b = (open(r.files["bin"], "rb").read() + open(r.files["idx"], "rb").read()
             for r in results)
     assert a == b and len(a) > 0
@@ -125,10 +132,8 @@ def test_two_builds_in_one_process_same_bytes_and_process_kept(ray_session, qwen
         sftprep.verify(str(tmp_path / "nothere"))
 
 
-def test_verify_and_inspect_never_import_ray(ray_session, qwen_dir, tmp_path):
-    data = write_jsonl(tmp_path / "t.jsonl", alpaca_samples(6, seed=2))
-    prefix = sftprep.build(input=data, tokenizer=qwen_dir, seq_length=256, workers=1,
-                           output_prefix=str(tmp_path / "o"), progress=False).data_path
+def test_verify_and_inspect_never_import_ray(two_builds):
+    prefix = two_builds[3][0].data_path  # any build's output
     done = python("import sys\nfrom sftprep.cli import main\n"
                   f"codes = [main(['verify', {prefix!r}]), main(['inspect', {prefix!r}])]\n"
                   "print(codes, 'ray' in sys.modules)")

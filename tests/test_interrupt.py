@@ -32,13 +32,18 @@ def runtime_processes(pid: int) -> list[psutil.Process]:
     return found
 
 
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    """Enough work that a job is still running when the interruption comes: with the fast
+    encoder 3,000 samples were finished and published before the runtime could be killed."""
+    return write_jsonl(tmp_path_factory.mktemp("data") / "t.jsonl",
+                       alpaca_samples(30000, seed=4))
+
+
 @pytest.mark.parametrize("how", ["SIGINT", "SIGKILL", "runtime killed"])
-def test_interrupted_build_leaves_no_complete_looking_output(qwen_dir, tmp_path, how):
+def test_interrupted_build_leaves_no_complete_looking_output(qwen_dir, data, tmp_path, how):
     if how == "SIGINT" and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         pytest.skip("SIGINT is ignored here (a background job), and so in the build it starts")
-    # Enough work that the build is still running when the interruption comes: with the fast
-    # encoder 3,000 samples were finished and published before the runtime could be killed.
-    data = write_jsonl(tmp_path / "t.jsonl", alpaca_samples(30000, seed=4))
     prefix = tmp_path / "out"
     proc = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "jobs", "build.py"), "--input", data,
@@ -88,8 +93,7 @@ def test_interrupted_build_leaves_no_complete_looking_output(qwen_dir, tmp_path,
                             r"\((gcs_server|raylet) exited\); nothing written\n", stderr), stderr
 
 
-def test_a_lost_runtime_ends_the_statistics_in_one_line(qwen_dir, tmp_path):
-    data = write_jsonl(tmp_path / "t.jsonl", alpaca_samples(30000, seed=4))
+def test_a_lost_runtime_ends_the_statistics_in_one_line(qwen_dir, data):
     proc = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "jobs", "stats.py"), "--input", data,
          "--tokenizer", qwen_dir, "--seq-length", "256", "--workers", "1",

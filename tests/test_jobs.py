@@ -10,11 +10,20 @@ import sys
 from fixtures import alpaca_samples, write_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "TRANSFORMERS_VERBOSITY": "error"}
+
+
+def this_tree(env: dict) -> dict:
+    """``env`` with this checkout first on PYTHONPATH: a subprocess started outside it imports
+    the sftprep under test, not another install (or none: "No module named sftprep")."""
+    return {**env, "PYTHONPATH": os.pathsep.join(
+        p for p in (ROOT, env.get("PYTHONPATH")) if p)}
+
+
+ENV = this_tree({**os.environ, "RAY_AUTH_MODE": "disabled", "TRANSFORMERS_VERBOSITY": "error"})
 
 
 def run(args: list[str], cwd: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=env or ENV,
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=this_tree(env or ENV),
                           capture_output=True, text=True, timeout=600)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 
@@ -48,12 +49,21 @@ def files(tmp_path_factory):
     return out
 
 
-def test_four_shards_concatenate_to_the_unsharded_output(ray_session, qwen_dir, files,
-                                                         tmp_path):
-    options = dict(packing__mode="none", run__workers=2, run__batch_size=16)
-    whole = build(files, qwen_dir, tmp_path / "whole", **options)
-    sharded = build(files, qwen_dir, tmp_path / "sh", output__shards=4, **options)
+OPTIONS = dict(packing__mode="none", run__workers=2, run__batch_size=16)
 
+
+@pytest.fixture(scope="module")
+def four_shards(ray_session, qwen_dir, files, tmp_path_factory):
+    """The unsharded build (``whole``) and a four-shard build (``sh``) of ``files``: the
+    directory and both manifests."""
+    root = tmp_path_factory.mktemp("four")
+    whole = build(files, qwen_dir, root / "whole", **OPTIONS)
+    sharded = build(files, qwen_dir, root / "sh", output__shards=4, **OPTIONS)
+    return root, whole, sharded
+
+
+def test_four_shards_concatenate_to_the_unsharded_output(four_shards, files):
+    tmp_path, whole, sharded = four_shards
     prefixes = [str(tmp_path / f"sh_{k}_text_document") for k in range(4)]
     assert [s["prefix"] for s in sharded["shards"]] == prefixes
     bins = [open(p + ".bin", "rb").read() for p in prefixes]
@@ -83,17 +93,20 @@ def test_four_shards_concatenate_to_the_unsharded_output(ray_session, qwen_dir, 
     assert not (tmp_path / "sh_text_document.bin").exists()
 
 
-def test_a_rebuild_with_fewer_shards_leaves_no_shard_of_the_old_one(ray_session, qwen_dir,
+def test_a_rebuild_with_fewer_shards_leaves_no_shard_of_the_old_one(four_shards, qwen_dir,
                                                                     files, tmp_path):
     """Rebuilding a prefix with fewer shards, or unsharded, removes the old build's other
     shards: nothing beside the new output looks like a part of it."""
     def shards_on_disk() -> set[str]:
         return {p.name.split("_text_document")[0] for p in tmp_path.glob("sh_*_text_document*")}
 
-    options = dict(packing__mode="none", run__workers=2, run__batch_size=16,
-                   output__overwrite=True)
-    build(files, qwen_dir, tmp_path / "sh", output__shards=3, **options)
-    assert shards_on_disk() == {"sh_0", "sh_1", "sh_2"}
+    root = four_shards[0]  # the four-shard build, moved here as if made here: the old build
+    for old in root.glob("sh_*"):
+        shutil.copy(old, tmp_path)
+    manifest = tmp_path / "sh_text_document.manifest.json"
+    manifest.write_text(manifest.read_text().replace(str(root), str(tmp_path)))
+    assert shards_on_disk() == {"sh_0", "sh_1", "sh_2", "sh_3"}
+    options = dict(OPTIONS, output__overwrite=True)
     build(files, qwen_dir, tmp_path / "sh", output__shards=2, **options)
     assert shards_on_disk() == {"sh_0", "sh_1"}
     whole = build(files, qwen_dir, tmp_path / "sh", **options)
@@ -106,7 +119,7 @@ def test_shards_no_manifest_names_are_an_incomplete_build_the_next_build_removes
         ray_session, qwen_dir, files, tmp_path, monkeypatch, caplog):
     """The manifest is the commit point of a shard set: a build stopped after publishing its
     shards and before its manifest leaves no output, as ``verify`` and the next build see."""
-    options = dict(packing__mode="none", run__workers=2, run__batch_size=16)
+    options = OPTIONS
 
     def stopped(*args, **kwargs):
         raise KeyboardInterrupt  # the build stops between its shards and its manifest
