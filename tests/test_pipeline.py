@@ -139,3 +139,27 @@ def test_existing_output_is_refused_without_overwrite(ray_session, qwen_dir, tmp
     build([path], qwen_dir, tmp_path / "out", run__workers=1, output__overwrite=True,
           packing__mode="sequential")
     assert read(tmp_path / "out") != before
+
+
+def test_a_process_loads_a_tokenizer_once_for_the_same_files_and_settings(qwen_dir, tmp_path):
+    """A notebook's next build reuses the loaded tokenizer and its prepared fast path; other
+    files, pad token or backend load anew, and only the last few are kept."""
+    import shutil
+
+    def config(tokenizer, **kw):
+        return load(BuildConfig, None, {"template.tokenizer": tokenizer, "source.inputs": ["x"],
+                                        "output.prefix": "o", **kw})
+
+    first = pipeline.loaded_tokenizer(config(qwen_dir))
+    again = pipeline.loaded_tokenizer(config(qwen_dir))
+    assert again[0] is first[0] and again[1] is first[1]
+    other_pad = pipeline.loaded_tokenizer(config(qwen_dir,
+                                                 **{"template.pad_token": "<|extra_0|>"}))
+    assert other_pad[0] is not first[0] and other_pad[0].pad_token == "<|extra_0|>"
+    changed = tmp_path / "tok"
+    shutil.copytree(qwen_dir, changed)
+    config_file = changed / "tokenizer_config.json"
+    config_file.write_text(config_file.read_text().replace(
+        '"model_max_length"', '"x": 1, "model_max_length"', 1))  # other files: loaded anew
+    assert pipeline.loaded_tokenizer(config(str(changed)))[0] is not first[0]
+    assert len(pipeline._LOADED) == pipeline.LOADED_KEEP
