@@ -33,6 +33,7 @@ import ray
 
 import sftprep
 from sftprep import outputs, runtime, tokenizer_files
+from sftprep.budget import Phases
 from sftprep.config import BuildConfig, validate
 from sftprep.encode import Setup, prepare
 from sftprep.ray_compat import (progress_bars, read_datasource, read_task,
@@ -206,7 +207,7 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
     (``outputs.abandon``) and ends in one line (``runtime.guarded``)."""
     validate(config)
     started = time.time()
-    wall = _Laps(started)
+    wall = Phases(clock=time.perf_counter_ns)  # the driver's steps, in wall time
     files = expand_inputs(config.source.inputs, config.source.storage_options)
     outputs.remove_unnamed_shards(config, resolve_options([config.document_prefix],
                                                           config.source.storage_options))
@@ -245,20 +246,9 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
         feed(tokenized_dataset(config, plan, setup=setup), writers, reach, on_progress, started,
              len(plan), uploads, wall)
         wall.lap("stream")
-        extra = manifest_extra(config, files, plan, started, tok, setup, resolved, wall.laps)
+        extra = manifest_extra(config, files, plan, started, tok, setup, resolved,
+                               wall.seconds())
         return outputs.finish(config, writers, extra, options)
-
-
-class _Laps:
-    """The driver's wall time per step of a build (the manifest's ``timing``)."""
-
-    def __init__(self, started: float):
-        self.last, self.laps = started, {}
-
-    def lap(self, step: str) -> None:
-        now = time.time()
-        self.laps[step] = round(now - self.last, 3)
-        self.last = now
 
 
 def manifest_extra(config: BuildConfig, files: list[InputFile], plan: list[ReadRange],
@@ -319,7 +309,7 @@ _task_span = ray.remote(num_cpus=0)(task_span)  # a block's read tasks, where it
 
 def feed(ds: ray.data.Dataset, writers: list, reach: list[tuple[int, int]],
          on_progress: Callable[[dict], None] | None, started: float, tasks: int = 0,
-         uploads: list | None = None, wall: _Laps | None = None) -> None:
+         uploads: list | None = None, wall: Phases | None = None) -> None:
     """Hand every block, in input order, to the writer(s) whose ``reach`` (``shards.task_reach``)
     its rows fall in; the writers' answers give the progress (of ``tasks`` read tasks), reported
     after every block (``sftprep.progress`` decides how often to show it), and the multipart
@@ -354,7 +344,7 @@ def feed(ds: ray.data.Dataset, writers: list, reach: list[tuple[int, int]],
                              if a <= span[1] and span[0] <= b])
 
     for bundle in ds.iter_internal_ref_bundles():
-        if wall is not None and "first_block" not in wall.laps:
+        if wall is not None and "first_block" not in wall.ns:
             wall.lap("first_block")
         for block_ref in bundle.block_refs:
             if len(writers) == 1:

@@ -31,11 +31,10 @@ sources is read once for each. A selection is made in the read task, before anyt
 record ``r`` (its position in the source: files sorted, records in file order) of a pass is kept
 iff ``permute(r) < keep``, ``permute`` a bijection of ``[0, M)`` keyed by the seed and the source's
 name (``source_name``), so the choice depends on nothing but (seed, name, position) and the count
-is exact. ``M``
-and each read task's first position come from a counting pass (Parquet: the footer; other files:
-one extra read, counting records exactly as the reader yields them). Copy ``c`` of a source is its
-own pass, placed in round ``c`` after every source's earlier passes, so copies of a record lie a
-whole round apart in the order the packer sees.
+is exact. ``M`` and each read task's first position come from a counting pass (Parquet: the
+footer; other files: one extra read, counting records exactly as the reader yields them). Copy
+``c`` of a source is its own pass, placed in round ``c`` after every source's earlier passes, so
+copies of a record lie a whole round apart in the order the packer sees.
 """
 
 from __future__ import annotations

@@ -45,20 +45,20 @@ from __future__ import annotations
 import itertools
 import os
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from sftprep.budget import Phases
+from sftprep.config import TemplateConfig
 from sftprep.encode import Setup, encoder, prepare
 from sftprep.errors import Error
 from sftprep.idxmap import IGNORE_INDEX
 from sftprep.records import RecordError, parse_group
 from sftprep.sources import ORIGIN
 from sftprep.sources import SCHEMA as RECORD_SCHEMA
-from sftprep.budget import Phases
-from sftprep.config import TemplateConfig
 from sftprep.template import ChatRenderer, TemplateError, load_tokenizer
 
 OK, REJECTED, DROPPED, END = "ok", "rejected", "dropped", "end"

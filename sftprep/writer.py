@@ -396,7 +396,7 @@ class SFTWriter:
             "samples_per_document_max": self.max_samples_per_doc,
             "writer_seconds": round(self.write_seconds, 3),
             "cpu_seconds": {"tokenize": seconds(PHASES, self.stage_cpu),
-                            "writer": seconds(WRITER_PHASES, self.cpu.ns.values())},
+                            "writer": self.cpu.seconds()},
             **({"bfd_documents": self.bfd_documents} if self._bfd is not None else {}),
             "sources": [{"source": name, **f} for name, f in zip(self.sources, per_source)],
         })
