@@ -307,13 +307,18 @@ def run_hfloop(path: str, tokenizer: str, seq_length: int) -> dict:
 
 
 def run_stage(path: str, tokenizer: str, seq_length: int, backend: str) -> dict:
-    """The tokenizer stage alone: its own thread's CPU time over the corpus."""
+    """The tokenizer stage alone: its own thread's CPU time over the corpus, in all and after
+    its first batch (which the guard checks whole), its phases (``tokenize.PHASES``), and, on
+    the fast path, tiktoken's own ``encode`` of the same rendered texts in the same process."""
+    from sftprep.records import RecordError
     from sftprep.sources import ReadRange, read_range
-    from sftprep.tokenize import Tokenize, TokenizeSpec
+    from sftprep.tokenize import PHASES, Tokenize, TokenizeSpec
 
     stage = Tokenize(TokenizeSpec.of(tokenizer, seq_length, backend=backend))
     samples = tokens = 0
-    cpu = 0.0
+    cpu, first = 0.0, None
+    phases = [0] * len(PHASES)
+    texts = []  # the rendered texts, for tiktoken alone (fast path only)
     with TreeMonitor() as mon:
         for block in read_range(ReadRange(0, path), 0, {}, 2048):
             for i in range(0, block.num_rows, BATCH):
@@ -321,13 +326,33 @@ def run_stage(path: str, tokenizer: str, seq_length: int, backend: str) -> dict:
                 c0 = time.thread_time()
                 out = stage(batch)
                 cpu += time.thread_time() - c0
+                first = cpu if first is None else first
+                phases = [a + b for a, b in zip(phases, out["cpu_ns"][0].as_py())]
                 rows = [n for n, status in zip(out["tokens"].to_pylist(),
                                                out["status"].to_pylist()) if status != "end"]
                 samples += len(rows)
                 tokens += sum(min(n or 0, seq_length) for n in rows)
+                if stage.setup.backend == "fast":
+                    for raw in batch["text"].to_pylist():
+                        got = None if raw is None else stage._parse(raw)
+                        got = got if got is None or isinstance(got, RecordError) else \
+                            stage._render(got)
+                        texts += [] if got is None or isinstance(got, RecordError) else \
+                            [r.text for r in got]
+    alone = {}
+    if texts:
+        enc = stage.encoder.enc
+        c0 = time.thread_time()
+        n = sum(len(enc.encode(t, allowed_special="all", disallowed_special=())) for t in texts)
+        spent = time.thread_time() - c0
+        alone = {"tiktoken_tokens": n, "tiktoken_cpu_seconds": round(spent, 3),
+                 "tiktoken_tokens_per_second": round(n / spent)}
     return {**mon.figures(), "samples": samples, "tokens": tokens,
-            "stage_cpu_seconds": round(cpu, 3), "backend": stage.setup.backend,
-            "renderer": stage.setup.renderer}
+            "stage_cpu_seconds": round(cpu, 3),
+            "stage_after_first_batch_tokens_per_second": round(
+                tokens / max(1e-9, cpu - (first or 0))),
+            "stage_phase_seconds": dict(zip(PHASES, (round(x / 1e9, 3) for x in phases))),
+            **alone, "backend": stage.setup.backend, "renderer": stage.setup.renderer}
 
 
 def run_pair(spec: dict) -> dict:
