@@ -57,11 +57,16 @@ def bytes_to_unicode() -> dict[int, str]:
 
 @dataclass
 class Setup:
-    """What every tokenizer actor needs, built once on the driver (``prepare``)."""
+    """What every tokenizer actor needs, built once on the driver (``prepare``), and what the
+    driver needs of the tokenizer besides (its pad token and size, for the writers and the
+    manifest), so a build never needs the HF tokenizer object again once this is made."""
 
     tokenizer_json: str               # the backend tokenizer, pad token included
     chat_template: str
     special_tokens_map: dict          # what apply_chat_template passes to the template
+    pad_token: str | None
+    pad_id: int | None
+    vocab_size: int                   # len(tokenizer): added tokens included
     backend: str                      # "fast" (tiktoken) or "hf"
     reason: str                       # why that backend
     fast: dict | None = field(default=None, repr=False)  # FastBPE's tables
@@ -81,8 +86,9 @@ def prepare(tok, backend: str = "auto") -> Setup:
         if fast is not None:
             reason = _self_check(tok.backend_tokenizer.model, fast) or reason
             fast = None if reason != FAST_REASON else fast
-    return Setup(text, tok.chat_template, dict(tok.special_tokens_map),
-                 "fast" if fast else "hf", reason, fast, "traced" if backend == "auto" else "jinja")
+    return Setup(text, tok.chat_template, dict(tok.special_tokens_map), tok.pad_token,
+                 tok.pad_token_id, len(tok), "fast" if fast else "hf", reason, fast,
+                 "traced" if backend == "auto" else "jinja")
 
 
 FAST_REASON = "byte-level BPE: tiktoken with the tokenizer's own vocabulary, pattern and NFC"

@@ -96,25 +96,29 @@ _LOADED: dict = {}
 LOADED_KEEP = 2
 
 
-def loaded_tokenizer(config: BuildConfig) -> tuple:
-    """The HF tokenizer, the tokenizer, template and encoding backend every actor gets, and
-    where its files came from, all decided here once (``encode.Setup``,
-    ``tokenizer_files.Resolved``). Resolving runs every time (a store copy may have changed);
-    loading and preparing again only if the files, pad token, template or backend differ."""
+def loaded_tokenizer(config: BuildConfig) -> tuple[Setup, tokenizer_files.Resolved]:
+    """The tokenizer, template and encoding backend every actor gets (``encode.Setup``), and
+    where its files came from (``tokenizer_files.Resolved``), decided here once. Resolving runs
+    every time (a store copy may have changed); loading and preparing only when neither this
+    process (its last ``LOADED_KEEP``) nor the disk (``tokenizer_files.load_prepared``) holds
+    the result for these files, pad token, template, backend and code."""
     t = config.template
     resolved = tokenizer_files.resolve(t.tokenizer, config.source.storage_options)
     template = None
     if t.chat_template:
         with open(t.chat_template, encoding="utf-8") as f:
             template = f.read()
-    key = (os.path.abspath(resolved.path), tuple(resolved.files.items()), t.pad_token, template,
-           t.backend)
+    key = tokenizer_files.prepared_key(resolved.files, t.pad_token, template, t.backend)
     if key not in _LOADED:
-        tok = load_tokenizer(resolved.path, t.pad_token, t.chat_template)
+        setup = tokenizer_files.load_prepared(key)
+        if setup is None:
+            setup = prepare(load_tokenizer(resolved.path, t.pad_token, t.chat_template),
+                            t.backend)
+            tokenizer_files.keep_prepared(key, setup)
         while len(_LOADED) >= LOADED_KEEP:
             del _LOADED[next(iter(_LOADED))]
-        _LOADED[key] = tok, prepare(tok, t.backend)
-    return (*_LOADED[key], resolved)
+        _LOADED[key] = setup
+    return _LOADED[key], resolved
 
 
 def cluster_cpus() -> float:
@@ -195,7 +199,7 @@ def tokenized_dataset(config: BuildConfig, plan: list[ReadRange],
         starts=tuple(r.start for r in plan))
     # One copy of the setup (~8 MB for a 150k vocabulary) in the object store for every actor,
     # passed inside a list so Ray hands the reference, not a copy per actor's arguments.
-    setup_ref = [ray.put(setup or loaded_tokenizer(config)[1])]
+    setup_ref = [ray.put(setup or loaded_tokenizer(config)[0])]
     return ds.map_batches(stage, fn_constructor_args=(spec, setup_ref),
                           batch_size=config.run.batch_size, batch_format="pyarrow",
                           compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=actor_cpus)
@@ -216,7 +220,7 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
     tokenizer = runtime.in_background(lambda: loaded_tokenizer(config))
     runtime.ensure_ray(config.run.verbose)  # Ray's start is mostly waiting: the tokenizer loads
     wall.lap("ray_start")
-    tok, setup, resolved = tokenizer()      # meanwhile
+    setup, resolved = tokenizer()      # meanwhile
     wall.lap("tokenizer")
     plan = read_plan(config, files)
     wall.lap("plan")
@@ -224,7 +228,7 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
     task_shard = shard_of_tasks([r.size * r.select.keep // r.select.total if r.select else r.size
                                  for r in plan], config.output.shards)
     outputs.abort_stale_uploads(config, options)
-    writers = start_writers(config, files, plan, tok, options, task_shard)
+    writers = start_writers(config, files, plan, setup, options, task_shard)
     leftovers = ray.get([w.leftovers.remote() for w in writers])
     writer_pids = [pid for pid, _ in leftovers]
     temporary = [p for _, paths in leftovers for p in paths]
@@ -246,13 +250,12 @@ def build(config: BuildConfig, on_progress: Callable[[dict], None] | None = None
         feed(tokenized_dataset(config, plan, setup=setup), writers, reach, on_progress, started,
              len(plan), uploads, wall)
         wall.lap("stream")
-        extra = manifest_extra(config, files, plan, started, tok, setup, resolved,
-                               wall.seconds())
+        extra = manifest_extra(config, files, plan, started, setup, resolved, wall.seconds())
         return outputs.finish(config, writers, extra, options)
 
 
 def manifest_extra(config: BuildConfig, files: list[InputFile], plan: list[ReadRange],
-                   started: float, tok, setup: Setup, resolved, wall: dict) -> dict:
+                   started: float, setup: Setup, resolved, wall: dict) -> dict:
     """The manifest's sections about the run itself: versions, times (``wall``: the driver's
     steps), sources, inputs, the tokenizer and the configuration (``shards.assemble_manifest``
     adds the figures, and the writers' CPU to the times)."""
@@ -273,9 +276,9 @@ def manifest_extra(config: BuildConfig, files: list[InputFile], plan: list[ReadR
                       "source": {**resolved.source,
                                  "local_dir": os.path.abspath(resolved.path)},
                       "files": resolved.files,
-                      "sha256": tokenizer_files.fingerprint(resolved.files, tok),
-                      "pad_token": tok.pad_token, "pad_id": tok.pad_token_id,
-                      "vocab_size": len(tok), **setup.describe(),
+                      "sha256": tokenizer_files.fingerprint(resolved.files, setup),
+                      "pad_token": setup.pad_token, "pad_id": setup.pad_id,
+                      "vocab_size": setup.vocab_size, **setup.describe(),
                       **({"guard": f"{checks} each actor's first batch, the first "
                                    f"{GUARD_LINES} lines of every file and 1 in "
                                    f"{GUARD_EVERY} other samples: all identical"}
@@ -284,8 +287,8 @@ def manifest_extra(config: BuildConfig, files: list[InputFile], plan: list[ReadR
     }
 
 
-def start_writers(config: BuildConfig, files: list[InputFile], plan: list[ReadRange], tok,
-                  options: dict, task_shard: list[int]) -> list:
+def start_writers(config: BuildConfig, files: list[InputFile], plan: list[ReadRange],
+                  setup: Setup, options: dict, task_shard: list[int]) -> list:
     """One writer actor per shard, on the driver's node for a local output, else spread."""
     if is_remote(config.document_prefix):
         placement = "SPREAD"
@@ -296,9 +299,9 @@ def start_writers(config: BuildConfig, files: list[InputFile], plan: list[ReadRa
     owns = [None] if len(prefixes) == 1 else task_ranges(task_shard, len(prefixes))
     return [ray.remote(SFTWriter).options(
         num_cpus=0, max_restarts=0, scheduling_strategy=placement,
-    ).remote(prefix, [f.url for f in files], config.template.seq_length, tok.pad_token_id,
+    ).remote(prefix, [f.url for f in files], config.template.seq_length, setup.pad_id,
              config.packing.mode, config.packing.window, config.source.on_error, options,
-             config.output.spill_dir, len(tok), plan,
+             config.output.spill_dir, setup.vocab_size, plan,
              trainer_safe=config.template.trainer_safe, owns=own,
              sources=[s.spec for s in source_list(config)])
         for prefix, own in zip(prefixes, owns)]

@@ -21,16 +21,23 @@ sha256 (``tokenizer.files``), so a build can be traced to the exact files.
   ``HF_HUB_CACHE``, and ``HF_HUB_OFFLINE=1``, which reads the cache only. With
   ``USE_MODELSCOPE_HUB=1`` (LLaMA-Factory's switch) it comes from ModelScope instead, through
   the ``modelscope`` package.
+
+The tokenizer prepared from the files (``encode.Setup``) is kept too, in
+``$SFTPREP_CACHE/prepared`` (``prepared_key``, ``load_prepared``, ``keep_prepared``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import functools
 import hashlib
 import json
 import os
+import pickle
 import re
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 
@@ -118,8 +125,9 @@ def file_hashes(path: str) -> dict:
 
 
 def fingerprint(files: dict, tok) -> str:
-    """sha256 over the tokenizer files' hashes and the effective chat template and pad token:
-    the same for the same files wherever they came from."""
+    """sha256 over the tokenizer files' hashes and the effective chat template and pad token
+    (``tok``: a tokenizer, or the ``encode.Setup`` made from it): the same for the same files
+    wherever they came from."""
     h = hashlib.sha256()
     for name, digest in sorted(files.items()):
         h.update(f"{name}\0{digest}\0".encode())
@@ -129,10 +137,12 @@ def fingerprint(files: dict, tok) -> str:
 
 # -- object stores -------------------------------------------------------------------------------
 
-def cache_dir() -> str:
+def cache_dir(kind: str = "tokenizers") -> str:
+    """``$SFTPREP_CACHE/<kind>`` (default ``~/.cache/sftprep``): store copies of tokenizers, or
+    ``prepared`` ones."""
     root = os.environ.get("SFTPREP_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "sftprep")
-    return os.path.join(root, "tokenizers")
+    return os.path.join(root, kind)
 
 
 def _from_store(url: str, storage_options: dict | None) -> Resolved:
@@ -251,3 +261,69 @@ def _from_modelscope(value: str) -> Resolved:
 
 def _first_line(e: Exception) -> str:
     return (str(e).strip().splitlines() or [""])[0]
+
+
+# -- prepared tokenizers -------------------------------------------------------------------------
+# Loading a tokenizer with transformers and preparing it (``encode.prepare``: the fast path's
+# tables and its self-check) costs the driver ~4 CPU seconds at every build's start, while Ray
+# starts on the same cores. The result depends only on the files, the settings and the code,
+# so it is kept on disk under a hash of all three and read back in a fraction of a second.
+
+PREPARED_KEEP = 8  # prepared tokenizers kept, the most recently used
+
+
+def prepared_key(files: dict, *settings) -> str:
+    """sha256 of what a prepared tokenizer is made from: the files' hashes, ``settings`` (pad
+    token, template text, backend), and the code that makes it and reads it back (sftprep's own
+    modules, the installed transformers, tokenizers and numpy, this Python)."""
+    h = hashlib.sha256(_code_identity())
+    h.update(json.dumps([sorted(files.items()), settings]).encode())
+    return h.hexdigest()
+
+
+def load_prepared(key: str):
+    """The prepared tokenizer kept under ``key``, or None (none kept, or not readable)."""
+    path = os.path.join(cache_dir("prepared"), key)
+    try:
+        with open(path, "rb") as f:
+            kept_key, setup = pickle.load(f)
+        os.utime(path)  # recently used
+    except Exception:  # noqa: BLE001 -- missing, partial or from another version: make it anew
+        return None
+    return setup if kept_key == key else None
+
+
+def keep_prepared(key: str, setup) -> None:
+    """Keep ``setup`` under ``key`` (written whole, then renamed into place); beyond
+    ``PREPARED_KEEP``, the least recently used go. A cache that cannot be written is skipped."""
+    folder, partial = cache_dir("prepared"), None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".", delete=False) as f:
+            partial = f.name
+            pickle.dump((key, setup), f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(partial, os.path.join(folder, key))
+        partial = None
+        kept = sorted((e for e in os.scandir(folder) if not e.name.startswith(".")),
+                      key=lambda e: e.stat().st_mtime, reverse=True)
+        for e in kept[PREPARED_KEEP:]:
+            os.remove(e.path)
+    except OSError:
+        pass
+    finally:
+        if partial:
+            with contextlib.suppress(OSError):
+                os.remove(partial)
+
+
+@functools.lru_cache(maxsize=None)
+def _code_identity() -> bytes:
+    from importlib.metadata import version
+    h = hashlib.sha256("\0".join([sys.version] + [version(p) for p in (
+        "transformers", "tokenizers", "numpy")]).encode())
+    package = os.path.dirname(os.path.abspath(__file__))
+    for name in sorted(os.listdir(package)):
+        if name.endswith(".py"):
+            with open(os.path.join(package, name), "rb") as f:
+                h.update(name.encode() + b"\0" + f.read())
+    return h.digest()

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# The suite's own cache (store copies, prepared tokenizers), shared by its subprocesses: never
+# the user's.
+os.environ["SFTPREP_CACHE"] = tempfile.mkdtemp(prefix="sftprep-test-cache-")
+atexit.register(shutil.rmtree, os.environ["SFTPREP_CACHE"], True)
 
 
 @pytest.fixture(scope="session")

@@ -142,8 +142,8 @@ def test_existing_output_is_refused_without_overwrite(ray_session, qwen_dir, tmp
 
 
 def test_a_process_loads_a_tokenizer_once_for_the_same_files_and_settings(qwen_dir, tmp_path):
-    """A notebook's next build reuses the loaded tokenizer and its prepared fast path; other
-    files, pad token or backend load anew, and only the last few are kept."""
+    """A notebook's next build reuses the prepared tokenizer; other files, pad token or backend
+    load anew, and only the last few are kept."""
     import shutil
 
     def config(tokenizer, **kw):
@@ -152,7 +152,7 @@ def test_a_process_loads_a_tokenizer_once_for_the_same_files_and_settings(qwen_d
 
     first = pipeline.loaded_tokenizer(config(qwen_dir))
     again = pipeline.loaded_tokenizer(config(qwen_dir))
-    assert again[0] is first[0] and again[1] is first[1]
+    assert again[0] is first[0]
     other_pad = pipeline.loaded_tokenizer(config(qwen_dir,
                                                  **{"template.pad_token": "<|extra_0|>"}))
     assert other_pad[0] is not first[0] and other_pad[0].pad_token == "<|extra_0|>"
@@ -163,3 +163,62 @@ def test_a_process_loads_a_tokenizer_once_for_the_same_files_and_settings(qwen_d
         '"model_max_length"', '"x": 1, "model_max_length"', 1))  # other files: loaded anew
     assert pipeline.loaded_tokenizer(config(str(changed)))[0] is not first[0]
     assert len(pipeline._LOADED) == pipeline.LOADED_KEEP
+
+
+def test_a_prepared_tokenizer_is_kept_on_disk_for_the_next_process(qwen_dir, tmp_path,
+                                                                   monkeypatch):
+    """The next build's driver reads the prepared tokenizer back instead of loading it with
+    transformers; the same files elsewhere share it; other settings, a changed file or an
+    unreadable entry prepare anew; only the newest few are kept."""
+    import dataclasses
+    import shutil
+
+    import numpy as np
+
+    from sftprep import tokenizer_files
+
+    def same(a, b) -> bool:
+        fast = [{k: v for k, v in x.fast.items() if k != "lengths"} for x in (a, b)]
+        return (dataclasses.replace(a, fast=None) == dataclasses.replace(b, fast=None)
+                and fast[0] == fast[1] and np.array_equal(a.fast["lengths"], b.fast["lengths"]))
+
+    monkeypatch.setenv("SFTPREP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(pipeline, "_LOADED", {})
+    loads = []
+    real_load = pipeline.load_tokenizer
+    monkeypatch.setattr(pipeline, "load_tokenizer",
+                        lambda *a: loads.append(a) or real_load(*a))
+
+    def config(tokenizer, **kw):
+        return load(BuildConfig, None, {"template.tokenizer": tokenizer, "source.inputs": ["x"],
+                                        "output.prefix": "o", **kw})
+
+    made, _ = pipeline.loaded_tokenizer(config(qwen_dir))
+    pipeline._LOADED.clear()                      # a new process, as far as the cache goes
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(qwen_dir, moved)
+    kept, _ = pipeline.loaded_tokenizer(config(str(moved)))
+    assert len(loads) == 1 and kept is not made
+    assert same(kept, made)
+    tok = real_load(qwen_dir)
+    assert (kept.pad_token, kept.pad_id, kept.vocab_size, kept.backend) == (
+        tok.pad_token, tok.pad_token_id, len(tok), "fast")
+
+    folder = tokenizer_files.cache_dir("prepared")
+    for name in os.listdir(folder):               # cut short, as by a full disk
+        with open(os.path.join(folder, name), "r+b") as f:
+            f.truncate(100)
+    pipeline._LOADED.clear()
+    again, _ = pipeline.loaded_tokenizer(config(qwen_dir))
+    assert len(loads) == 2 and same(again, made)
+
+    monkeypatch.setattr(tokenizer_files, "PREPARED_KEEP", 2)
+    pipeline._LOADED.clear()
+    pipeline.loaded_tokenizer(config(qwen_dir, **{"template.backend": "hf"}))
+    assert len(loads) == 3
+    (moved / "tokenizer_config.json").write_text(
+        (moved / "tokenizer_config.json").read_text().replace(
+            '"model_max_length"', '"x": 1, "model_max_length"', 1))
+    pipeline.loaded_tokenizer(config(str(moved)))
+    assert len(loads) == 4
+    assert len(os.listdir(folder)) == 2 and not any(n.startswith(".") for n in os.listdir(folder))
