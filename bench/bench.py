@@ -43,6 +43,7 @@ import os
 import random
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -342,17 +343,46 @@ def run_stage(path: str, tokenizer: str, seq_length: int, backend: str) -> dict:
     alone = {}
     if texts:
         enc = stage.encoder.enc
-        c0 = time.thread_time()
-        n = sum(len(enc.encode(t, allowed_special="all", disallowed_special=())) for t in texts)
-        spent = time.thread_time() - c0
+        n, spent = _tiktoken_pass(enc, texts)
         alone = {"tiktoken_tokens": n, "tiktoken_cpu_seconds": round(spent, 3),
-                 "tiktoken_tokens_per_second": round(n / spent)}
+                 "tiktoken_tokens_per_second": round(n / spent),
+                 "tiktoken_all_cores_busy_tokens_per_second": _tiktoken_all_cores(enc, texts)}
     return {**mon.figures(), "samples": samples, "tokens": tokens,
             "stage_cpu_seconds": round(cpu, 3),
             "stage_after_first_batch_tokens_per_second": round(
                 tokens / max(1e-9, cpu - (first or 0))),
             "stage_phase_seconds": dict(zip(PHASES, (round(x / 1e9, 3) for x in phases))),
             **alone, "backend": stage.setup.backend, "renderer": stage.setup.renderer}
+
+
+def _tiktoken_pass(enc, texts: list[str]) -> tuple[int, float]:
+    """Tokens and thread CPU seconds of tiktoken's own ``encode`` of ``texts`` (the stage's
+    call, without the stage around it)."""
+    c0 = time.thread_time()
+    n = sum(len(enc.encode(t, allowed_special="all", disallowed_special=())) for t in texts)
+    return n, time.thread_time() - c0
+
+
+def _tiktoken_all_cores(enc, texts: list[str]) -> int:
+    """tiktoken's ``encode`` per core while every core runs it (as a build's tokenizer actors
+    do): forked copies of this process start together; the mean of their rates."""
+    import multiprocessing
+    ctx = multiprocessing.get_context("fork")
+    go, rates = ctx.Event(), ctx.Queue()
+
+    def one() -> None:
+        go.wait()
+        n, spent = _tiktoken_pass(enc, texts)
+        rates.put(n / spent)
+
+    procs = [ctx.Process(target=one) for _ in range(os.cpu_count() or 1)]
+    for p in procs:
+        p.start()
+    go.set()
+    got = [rates.get() for _ in procs]
+    for p in procs:
+        p.join()
+    return round(statistics.mean(got))
 
 
 def run_pair(spec: dict) -> dict:
@@ -595,8 +625,17 @@ def goals(results: dict, sizes: list[int]) -> list[str]:
         for case in ("build", "bfd"):
             if case in r and "hfloop" in r:
                 x = r["hfloop"]["from_start_seconds"] / r[case]["from_start_seconds"]
+                want = ({"bfd": 5, "build": 4}[case] if n >= 300_000 else 3.5)  # issue 23's
                 out.append(f"{n:,}: {case} {x:.2f}x the plain HF loop, process start to verified "
-                           f"files (goal >= 3x): {'met' if x >= 3 else 'NOT met'}")
+                           f"files (goal >= {want}x): {'met' if x >= want else 'NOT met'}")
+        if "tiktoken_tokens_per_second" in r.get("stage", {}):
+            st = r["stage"]
+            x = st["stage_after_first_batch_tokens_per_second"]
+            out.append(f"{n:,}: tokenizer stage {x / 1e6:.2f}M tokens/s per core after its first "
+                       f"batch (goal >= 2M); tiktoken's own encode of the same texts "
+                       f"{st['tiktoken_tokens_per_second'] / 1e6:.2f}M alone, "
+                       f"{st['tiktoken_all_cores_busy_tokens_per_second'] / 1e6:.2f}M per core "
+                       f"with every core encoding: {'met' if x >= 2e6 else 'NOT met'}")
         if "stage" in r and "stage-hf" in r:
             x = (r["stage-hf"]["stage_cpu_seconds"] / r["stage-hf"]["samples"]) / (
                 r["stage"]["stage_cpu_seconds"] / r["stage"]["samples"])
@@ -689,6 +728,12 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work_dir or tempfile.mkdtemp(prefix="sftprep-bench-")
     os.makedirs(work, exist_ok=True)
     records = source_records(args.data, args.corpus)
+    if {"build", "bfd"} & set(args.cases):
+        # Every build then finds the tokenizer prepared, as every build after a machine's first
+        # with it does (``$SFTPREP_CACHE/prepared``); bench/fixed_cost.py times the first.
+        from sftprep import pipeline
+        pipeline.loaded_tokenizer(build_config("-", args.tokenizer, args.seq_length, "none",
+                                               os.path.join(work, "prepare")))
     try:
         results = {str(n): run_size(n, args, records, work) for n in args.sizes}
     finally:
