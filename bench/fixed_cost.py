@@ -10,7 +10,8 @@ Each round runs, in fresh interpreters and in rotating order:
 - ``raydata``: the same start, then the build's shape with nothing in it: a two-row read, an
   actor pool of one running an identity ``map_batches``, its output taken by the driver. What
   Ray Data itself starts for that (its helper actors, a worker for the read) is the floor of
-  any build of this shape;
+  any build of this shape; it also reports when its output was there (``output_seconds``, from
+  process start, before Ray's shutdown);
 - ``tiny``: ``python jobs/build.py`` on two Alpaca records, from process start to verified files,
   with the tokenizer prepared by an earlier build (``$SFTPREP_CACHE/prepared``), as every build
   after the first with that tokenizer on the machine;
@@ -47,7 +48,7 @@ ray.shutdown()
 """
 
 RAYDATA = """
-import logging, ray
+import logging, time, psutil, ray
 ray.init(log_to_driver=True, logging_level=logging.WARNING, include_dashboard=False)
 ray.data.DataContext.get_current().enable_progress_bars = False
 class Same:
@@ -56,6 +57,7 @@ class Same:
 ds = ray.data.range(2).map_batches(Same, compute=ray.data.ActorPoolStrategy(size=1),
                                    num_cpus=0.5, batch_format="pyarrow")
 assert len(ds.take_all()) == 2
+print(f"output_seconds {time.time() - psutil.Process().create_time():.3f}")  # before shutdown
 ray.shutdown()
 """
 
@@ -67,8 +69,12 @@ def run(cmd: list[str], env: dict) -> dict:
     if proc.returncode:
         raise RuntimeError(proc.stdout[-3000:])
     f = mon.figures()
-    return {"seconds": f["seconds"], "cpu_seconds": f["cpu_seconds"],
-            "foreign_cpu_share": f["foreign_cpu_share"]}
+    out = {"seconds": f["seconds"], "cpu_seconds": f["cpu_seconds"],
+           "foreign_cpu_share": f["foreign_cpu_share"]}
+    for line in proc.stdout.splitlines():  # what a case says of itself
+        if line.startswith("output_seconds "):
+            out["output_seconds"] = float(line.split()[1])
+    return out
 
 
 def main() -> int:
@@ -109,7 +115,8 @@ def main() -> int:
             f"{c} {got[c]['seconds']:.1f}s ({got[c]['cpu_seconds']:.1f} CPU s)" for c in names)
             + "; against bare: " + ", ".join(
             f"{c} {got[f'{c}_seconds_ratio']:.2f}x wall {got[f'{c}_cpu_seconds_ratio']:.2f}x CPU"
-            for c in builds) + f"; other processes "
+            for c in builds) + f"; raydata's output {got['raydata']['output_seconds']:.1f}s "
+            f"from process start; other processes "
             f"{max(got[c]['foreign_cpu_share'] for c in cases):.0%} of the machine", flush=True)
     summary = {k: statistics.median(r[k] for r in rounds)
                for k in rounds[0] if k.endswith("_ratio")}
