@@ -396,6 +396,15 @@ def _with_cpu(table: pa.Table, cpu_ns: list[int]) -> pa.Table:
     return table.set_column(SCHEMA.get_field_index("cpu_ns"), "cpu_ns", column)
 
 
+def trained_tokens(trained: pa.ListArray) -> np.ndarray:
+    """Each sample's count of trained tokens (its labels that are not ``IGNORE_INDEX``): the
+    widths of its ``trained`` ranges, which do not overlap."""
+    ranges = trained.values.to_numpy().reshape(-1, 2)  # indexed by the offsets, as they are
+    widths = np.concatenate([[0], np.cumsum(ranges[:, 1] - ranges[:, 0], dtype=np.int64)])
+    pairs = trained.offsets.to_numpy() // 2
+    return widths[pairs[1:]] - widths[pairs[:-1]]
+
+
 def labels(ids: pa.ListArray, trained: pa.ListArray) -> np.ndarray:
     """The labels of a block's samples, aligned with ``ids.values`` (``ids.offsets`` index
     both): ``labels[t] = ids[t+1]`` (a boundary's id restored) where token ``t+1`` is trained

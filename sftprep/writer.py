@@ -35,7 +35,7 @@ from sftprep.packing import BestFitPacker, Document, Piece, make_packer
 from sftprep.shards import TASK_COLUMN, assemble_manifest, derive_figures, merge_figures, task_reach
 from sftprep.sources import Origins, ReadRange, describe
 from sftprep.tokenize import (CUT_KEYS, CUTS, DROPPED, END, OK, OVERLONG, PHASES, REASONING,
-                              REJECTED, SCHEMA, labels)
+                              REJECTED, SCHEMA, labels, trained_tokens)
 
 # Counters the summary gives as they are (docs/trainer.md): samples written shorter and the
 # tokens they lost, in all and per cut; samples ``--overlong drop`` dropped and their tokens;
@@ -196,8 +196,7 @@ class SFTWriter:
         ids_values = ids_col.values.to_numpy()
         labels_values = labels(ids_col, trained_col)
         offsets = ids_col.offsets.to_numpy()
-        trained = np.concatenate([[0], np.cumsum(labels_values != idxmap.IGNORE_INDEX)])
-        trained = trained[offsets[1:]] - trained[offsets[:-1]]
+        trained = trained_tokens(trained_col)
         cols = {n: table[n].to_pylist() for n in ROW_COLUMNS}
         for i in range(table.num_rows):
             key = (cols["task"][i], cols["line"][i], cols["element"][i], cols["sample"][i])
