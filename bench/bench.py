@@ -311,6 +311,7 @@ def run_stage(path: str, tokenizer: str, seq_length: int, backend: str) -> dict:
     """The tokenizer stage alone: its own thread's CPU time over the corpus, in all and after
     its first batch (which the guard checks whole), its phases (``tokenize.PHASES``), and, on
     the fast path, tiktoken's own ``encode`` of the same rendered texts in the same process."""
+    from sftprep.budget import seconds
     from sftprep.records import RecordError
     from sftprep.sources import ReadRange, read_range
     from sftprep.tokenize import PHASES, Tokenize, TokenizeSpec
@@ -351,7 +352,7 @@ def run_stage(path: str, tokenizer: str, seq_length: int, backend: str) -> dict:
             "stage_cpu_seconds": round(cpu, 3),
             "stage_after_first_batch_tokens_per_second": round(
                 tokens / max(1e-9, cpu - (first or 0))),
-            "stage_phase_seconds": dict(zip(PHASES, (round(x / 1e9, 3) for x in phases))),
+            "stage_phase_seconds": seconds(PHASES, phases),
             **alone, "backend": stage.setup.backend, "renderer": stage.setup.renderer}
 
 

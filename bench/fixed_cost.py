@@ -24,8 +24,10 @@ to ``bare`` per round, and their medians. Results go to ``bench/results/fixed_co
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -86,7 +88,8 @@ def main() -> int:
     if args.tokenizer is None:
         from sftprep.demo import qwen_tokenizer_dir
         args.tokenizer = qwen_tokenizer_dir()
-    work = tempfile.mkdtemp(prefix="sftprep-fixed-")
+    work = tempfile.mkdtemp(prefix="sftprep-fixed-")  # its outputs and tokenizer caches
+    atexit.register(shutil.rmtree, work, True)
     data = os.path.join(work, "two.jsonl")
     with open(data, "w") as f:
         f.write('{"instruction": "Say hi.", "input": "", "output": "Hi!"}\n'
@@ -103,8 +106,8 @@ def main() -> int:
     for r in range(args.rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         got = {}
+        first = os.path.join(work, f"empty-{r}")  # a cache with nothing in it yet
         for case in order:
-            first = os.path.join(work, f"empty-{r}")  # a cache with nothing in it yet
             got[case] = run(cases[case], {"SFTPREP_CACHE": first if case == "tiny-first"
                                           else cache})
         for case in builds:
