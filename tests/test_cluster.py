@@ -32,6 +32,7 @@ import psutil
 import pytest
 
 from fixtures import alpaca_samples, lines_with_groups, write_jsonl
+from test_jobs import stop_survivors
 from test_pipeline import S, read
 from test_pipeline import build as build_one_node
 
@@ -89,11 +90,7 @@ def _stop(head: subprocess.Popen) -> None:
     except subprocess.TimeoutExpired:
         head.kill()
         head.wait()
-    _, alive = psutil.wait_procs(tree, timeout=30)
-    for p in alive:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            p.kill()
-    psutil.wait_procs(alive, timeout=10)
+    stop_survivors(tree, 30)
 
 
 def _start(args: list[str], env: dict, log: str) -> subprocess.Popen:

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from fixtures import alpaca_samples, write_jsonl
-from test_jobs import ENV, ROOT
+from test_jobs import ENV, ROOT, process_tree, stop_survivors
 
 
 def runtime_processes(pid: int) -> list[psutil.Process]:
@@ -51,6 +51,7 @@ def test_interrupted_build_leaves_no_complete_looking_output(qwen_dir, data, tmp
          "--workers", "1", "--batch-size", "16", "--block-records", "32", "--no-progress"],
         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         start_new_session=True)
+    tree: list = []  # the job's processes, taken before the interruption
     try:
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None:
@@ -60,6 +61,7 @@ def test_interrupted_build_leaves_no_complete_looking_output(qwen_dir, data, tmp
             time.sleep(0.1)
         assert proc.poll() is None, \
             f"the build ended before it could be interrupted: {proc.communicate()[1]}"
+        tree = process_tree(proc.pid)
         if how == "runtime killed":
             targets = sorted(runtime_processes(proc.pid), key=lambda p: p.name())
             assert [p.name() for p in targets] == ["gcs_server", "raylet"]
@@ -70,12 +72,13 @@ def test_interrupted_build_leaves_no_complete_looking_output(qwen_dir, data, tmp
         killed = time.time()
         _, stderr = proc.communicate(timeout=120)
         took = time.time() - killed
-    finally:  # the driver's local Ray processes share its process group
+    finally:  # the driver's group holds its local GCS and raylet; its workers have their own
         time.sleep(2)
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        stop_survivors(tree, 0)
     left = sorted(os.path.basename(p) for p in glob.glob(f"{prefix}*"))
     assert not any(n.endswith(("_text_document.bin", "_text_document.idx", ".manifest.json"))
                    for n in left), left
@@ -100,6 +103,7 @@ def test_a_lost_runtime_ends_the_statistics_in_one_line(qwen_dir, data):
          "--batch-size", "16", "--block-records", "32", "--no-progress"],
         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         start_new_session=True)
+    tree: list = []  # the job's processes, taken before the runtime is killed
     try:
         deadline = time.time() + 180
         while time.time() < deadline and proc.poll() is None:  # until the stage works
@@ -107,6 +111,7 @@ def test_a_lost_runtime_ends_the_statistics_in_one_line(qwen_dir, data):
                 break
             time.sleep(0.1)
         assert proc.poll() is None, f"the statistics ended first: {proc.communicate()[1]}"
+        tree = process_tree(proc.pid)
         for p in sorted(runtime_processes(proc.pid), key=lambda p: p.name()):
             p.kill()
         killed = time.time()
@@ -118,6 +123,7 @@ def test_a_lost_runtime_ends_the_statistics_in_one_line(qwen_dir, data):
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+        stop_survivors(tree, 0)
     assert proc.returncode == 1 and took < 20, (proc.returncode, took)
     assert re.fullmatch(r"error: the local Ray runtime stopped during the job "
                         r"\((gcs_server|raylet) exited\); nothing written\n", stderr), stderr

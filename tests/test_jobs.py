@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+
+import psutil
 
 from fixtures import alpaca_samples, write_jsonl
 
@@ -20,6 +23,24 @@ def this_tree(env: dict) -> dict:
 
 
 ENV = this_tree({**os.environ, "RAY_AUTH_MODE": "disabled", "TRANSFORMERS_VERBOSITY": "error"})
+
+
+def process_tree(pid: int) -> list[psutil.Process]:
+    """``pid``'s descendants now, for a test to stop by pid later: Ray's workers run in process
+    groups of their own, which a kill of the job's process group does not reach."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        return psutil.Process(pid).children(recursive=True)
+    return []
+
+
+def stop_survivors(tree: list[psutil.Process], grace: float) -> None:
+    """SIGKILL the processes of ``tree`` still running after ``grace`` seconds (psutil checks
+    each is the process it saw, not a reused pid), and wait for them."""
+    _, alive = psutil.wait_procs(tree, timeout=grace)
+    for p in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(alive, timeout=10)
 
 
 def run(args: list[str], cwd: str, env: dict | None = None) -> subprocess.CompletedProcess:

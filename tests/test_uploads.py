@@ -22,7 +22,7 @@ from object_store import oss_server, s3_server
 from sftprep import pipeline, runtime
 from sftprep.config import BuildConfig, load
 from sftprep.sink import pending_uploads
-from test_jobs import ENV, ROOT
+from test_jobs import ENV, ROOT, process_tree, stop_survivors
 
 SERVERS = {"s3": s3_server, "oss": oss_server}
 S = 4096  # --packing none: a 32 KiB document a sample, so the .bin passes a part (8 MiB) soon
@@ -114,8 +114,10 @@ def test_the_upload_of_a_killed_driver_is_aborted_by_the_next_build(store, data,
     try:
         left = _wait_for_upload(store, prefix, lambda: proc.poll() is None)
     finally:  # the driver and the local runtime it started, at once: nobody can abort
+        tree = process_tree(proc.pid)  # its workers too, which have process groups of their own
         with contextlib.suppress(ProcessLookupError):  # it ended first: the assert says why
             os.killpg(proc.pid, signal.SIGKILL)
+        stop_survivors(tree, 0)
         proc.wait()
     assert left, f"the build ended before its upload could be left: {proc.stderr.read()}"
     assert pending_uploads(prefix, store.storage_options) == left
